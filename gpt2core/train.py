@@ -1,0 +1,675 @@
+"""Training and fine-tuning GPT-2 with periodic evaluation, samples, checkpoints and exact resume.
+
+    trainer = Trainer(model, TrainConfig(max_steps=1000, batch_size=16, checkpoint_every=100,
+                                         checkpoint_dir="runs/a", eval_every=100), train_tokens, val_tokens)
+    result = trainer.fit()
+
+``train_data``/``val_data`` are token arrays (``np.memmap`` from :func:`gpt2core.data.load_dataset`, numpy
+arrays, 1-D tensors, paths of ``.bin`` token files) or :class:`gpt2core.data.BatchLoader` objects. Fine-tuning
+is the same Trainer on a model loaded with ``GPT2.from_pretrained``.
+
+Optimisation: AdamW (``fused`` on CUDA) with weight decay on parameters of dim >= 2 only (embeddings and matmul
+weights; not biases or LayerNorm), linear warmup to ``learning_rate`` then cosine decay to ``min_lr`` at
+``max_steps`` (see :func:`learning_rate_at`), gradient accumulation over ``grad_accum_steps`` micro-batches
+(each loss scaled by ``1/grad_accum_steps``), gradient-norm clipping (the reported norm is the pre-clip one).
+dtype "auto" means bf16 autocast on CUDA (where supported, TF32 matmuls allowed) and fp32 on CPU; parameters
+and optimizer state stay fp32.
+
+Each optimizer step, in order: the step, ``on_step``; then when due an evaluation (``on_eval``), samples
+(``on_sample``) and a checkpoint (``on_checkpoint``); then every callback's ``should_stop()`` is polled, and if
+any says stop, no further step is taken. When ``fit()`` ends (max_steps reached or stopped) and
+``checkpoint_dir`` is set, a final checkpoint is written unless one exists for that step.
+
+Checkpoints: ``checkpoint_dir/step-000100/`` holds ``config.json`` + ``model.safetensors`` (a Hugging Face
+checkpoint; ``GPT2.from_pretrained`` and transformers load it) and ``trainer_state.pt`` (optimizer state, step,
+RNG states of torch/CUDA/python/numpy, data loader position, last losses). Each is written to a temporary
+directory and renamed into place, so a ``step-*`` directory is always complete. ``Trainer.resume()`` continues a
+run exactly: on CPU the resumed per-step losses equal the uninterrupted run's (dropout included, since the RNG
+states are restored). The trainer seeds torch, python ``random`` and numpy's global RNG with ``config.seed``
+when it is built.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .data import BatchLoader
+from .device import default_device
+from .model import GPT2
+
+STATE_FILE = "trainer_state.pt"
+STATE_VERSION = 1
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters. Invalid values raise ValueError naming the field (``TrainConfig.<name>``).
+
+    ``batch_size`` is the micro-batch; one optimizer step sees ``batch_size * grad_accum_steps`` windows of
+    ``block_size`` tokens (None: the model's block_size). ``min_lr`` None means ``learning_rate / 10``.
+    ``eval_every``, ``sample_every``, ``checkpoint_every`` are in optimizer steps; 0 turns that off.
+    ``grad_clip`` 0 or None turns clipping off. ``keep_last_checkpoints`` (None: all) deletes older
+    ``step-*`` directories after each new checkpoint.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    block_size: int | None = None
+    grad_accum_steps: int = 1
+    learning_rate: float = 6e-4
+    min_lr: float | None = None
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    eval_every: int = 0
+    eval_steps: int = 20
+    sample_every: int = 0
+    sample_prompts: Sequence[str] = ("",)  # "" starts from the end-of-text token: GPT-2's unconditional samples
+    sample_max_new_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int = 200
+    checkpoint_every: int = 0
+    checkpoint_dir: str | Path | None = None
+    keep_last_checkpoints: int | None = None
+    seed: int = 1337
+    device: str | torch.device | None = None
+    compile: bool = False
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_steps", "sample_max_new_tokens"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "a positive integer")
+        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "sample_top_k"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "an integer >= 0")
+        if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
+            fail("block_size", "a positive integer or None")
+        if not is_num(self.learning_rate) or self.learning_rate <= 0:
+            fail("learning_rate", "a number > 0")
+        if self.min_lr is None:
+            self.min_lr = self.learning_rate / 10
+        if not is_num(self.min_lr) or not 0 <= self.min_lr <= self.learning_rate:
+            fail("min_lr", f"a number in [0, learning_rate={self.learning_rate}]")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "a number >= 0")
+        betas = self.betas
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(is_num(b) and 0 <= b < 1 for b in betas)
+        ):
+            fail("betas", "two numbers in [0, 1)")
+        self.betas = (float(betas[0]), float(betas[1]))
+        if not is_num(self.eps) or self.eps <= 0:
+            fail("eps", "a number > 0")
+        if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip < 0):
+            fail("grad_clip", "a number >= 0 or None")
+        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
+            fail("sample_prompts", "a list of strings")
+        self.sample_prompts = tuple(self.sample_prompts)
+        if self.sample_every and not self.sample_prompts:
+            fail("sample_prompts", "non-empty when sample_every is set")
+        if not is_num(self.sample_temperature) or self.sample_temperature < 0:
+            fail("sample_temperature", "a number >= 0")
+        if self.checkpoint_every and self.checkpoint_dir is None:
+            fail("checkpoint_dir", "set when checkpoint_every is set")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+            fail("checkpoint_dir", "a path or None")
+        if self.keep_last_checkpoints is not None and (
+            not is_int(self.keep_last_checkpoints) or self.keep_last_checkpoints < 1
+        ):
+            fail("keep_last_checkpoints", "a positive integer or None")
+        if not is_int(self.seed):
+            fail("seed", "an integer")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                fail("device", "a torch device (e.g. 'cpu', 'cuda', 'cuda:1') or None")
+        if not isinstance(self.compile, bool):
+            fail("compile", "a bool")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"one of {', '.join(DTYPES)}")
+
+    def lr_at(self, step: int) -> float:
+        return learning_rate_at(
+            step,
+            learning_rate=self.learning_rate,
+            min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("checkpoint_dir", "device"):
+            if d[key] is not None:
+                d[key] = str(d[key])
+        d["sample_prompts"] = list(self.sample_prompts)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def learning_rate_at(step: int, *, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based: the number of steps already taken).
+
+    Linear warmup ``learning_rate * (step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine decay
+    ``min_lr + (learning_rate - min_lr) * (1 + cos(pi * (step - warmup_steps) / (max_steps - warmup_steps))) / 2``;
+    ``min_lr`` from ``max_steps`` on.
+    """
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def decay_parameter_names(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """(names with weight decay, names without): decay exactly the trainable parameters with dim >= 2."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_parameter_names(model)
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": config.weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=config.lr_at(0), betas=config.betas, eps=config.eps, **extra)
+
+
+# --------------------------------------------------------------------------------------------------
+# Events and callbacks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMetrics:
+    step: int  # optimizer steps completed, this one included (1 for the first step)
+    loss: float  # mean training loss over the step's micro-batches
+    learning_rate: float
+    grad_norm: float  # total gradient norm before clipping
+    tokens_per_second: float
+    elapsed: float  # seconds since fit() started
+    tokens: int  # training tokens seen since step 0 (resumes included)
+    step_time: float  # seconds this step took
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str  # the completion, without the prompt
+
+
+@dataclass
+class TrainResult:
+    steps: int  # the trainer's step count when fit() returned
+    stopped: bool  # True when a callback's should_stop() ended training before max_steps
+    final_loss: float | None  # training loss of the last step
+    val_loss: float | None  # last evaluation's loss, if any
+    perplexity: float | None
+    losses: list[float] = field(default_factory=list)  # per-step training losses of this fit() call
+    checkpoint: Path | None = None  # last checkpoint written (or resumed from)
+    elapsed: float = 0.0
+    tokens: int = 0
+
+
+class TrainerCallback:
+    """Base class with no-op hooks; any object with some of these methods works as a callback."""
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        pass
+
+    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
+        pass
+
+    def on_sample(self, step: int, samples: list[Sample]) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint discovery
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (``step-N`` directories holding trainer_state.pt) under a run directory, by step."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = CHECKPOINT_PATTERN.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python's random and numpy's global RNG."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` per ``config``; ``fit()`` runs the loop, ``resume()`` continues a run.
+
+    ``train_data``/``val_data``: token arrays, memmaps, 1-D tensors, ``.bin`` paths, or BatchLoaders (a val
+    loader must offer ``batch(i)``). ``tokenizer`` (default GPT2Tokenizer) is only used for samples.
+    """
+
+    def __init__(
+        self,
+        model: GPT2,
+        config: TrainConfig | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        callbacks: Iterable[Any] = (),
+        tokenizer: Any = None,
+    ):
+        self.config = config = config or TrainConfig()
+        if train_data is None:
+            raise ValueError("train_data is required")
+        self.device = torch.device(config.device) if config.device is not None else default_device()
+        model_block = model.config.block_size
+        self.block_size = config.block_size or model_block
+        if self.block_size > model_block:
+            raise ValueError(
+                f"TrainConfig.block_size ({self.block_size}) exceeds the model's block_size ({model_block})"
+            )
+        self.model = model.to(self.device)
+        self.callbacks = list(callbacks)
+        self.tokenizer = tokenizer
+        seed_everything(config.seed)
+
+        self.train_loader = self._loader(train_data, config.seed, "train_data")
+        self.val_loader = None if val_data is None else self._loader(val_data, config.seed + 1, "val_data")
+        if config.eval_every and self.val_loader is None:
+            raise ValueError("TrainConfig.eval_every is set but no val_data was given")
+
+        self.autocast_dtype: torch.dtype | None = None
+        if config.dtype == "bfloat16" or (
+            config.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        ):
+            self.autocast_dtype = torch.bfloat16
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_train_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self._last_eval_step: int | None = None
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def _loader(self, data: Any, seed: int, what: str):
+        if hasattr(data, "next_batch") and hasattr(data, "state_dict"):
+            block = getattr(data, "block_size", None)
+            if block is not None and block > self.model.config.block_size:
+                raise ValueError(f"{what}: loader block_size {block} exceeds the model's {self.model.config.block_size}")
+            return data
+        return BatchLoader(data, self.block_size, self.config.batch_size, seed=seed)
+
+    def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            return [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        return [t.to(self.device) for t in tensors]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns its metrics (elapsed left 0)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.model.train()
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = cfg.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(accum):
+            x, y = self._to_device(*self.train_loader.next_batch())
+            with self._autocast():
+                _, loss = self.forward_model(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float()
+            tokens += x.numel()
+        max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = (loss_sum / accum).item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss is {loss_value} at step {self.step + 1}")
+        self.step += 1
+        self.tokens_seen += tokens
+        self.last_train_loss = loss_value
+        dt = time.perf_counter() - t0
+        return StepMetrics(
+            step=self.step,
+            loss=loss_value,
+            learning_rate=lr,
+            grad_norm=float(grad_norm),
+            tokens_per_second=tokens / dt if dt > 0 else math.inf,
+            elapsed=0.0,
+            tokens=self.tokens_seen,
+            step_time=dt,
+        )
+
+    # ---- evaluation and samples ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the same ``eval_steps`` validation batches every time."""
+        if self.val_loader is None:
+            raise ValueError("no val_data was given")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            losses = []
+            for i in range(self.config.eval_steps):
+                x, y = self._to_device(*self.val_loader.batch(i))
+                with self._autocast():
+                    _, loss = self.forward_model(x, y)
+                losses.append(loss.float())
+            return torch.stack(losses).mean().item()
+        finally:
+            self.model.train(was_training)
+
+    def sample(self, prompts: Sequence[str] | None = None) -> list[Sample]:
+        """Generate from ``prompts`` (default ``config.sample_prompts``) without touching the training RNG."""
+        from .generate import SamplingParams, generate  # imported here: training works without generate.py
+
+        if self.tokenizer is None:
+            from .tokenizer import GPT2Tokenizer
+
+            self.tokenizer = GPT2Tokenizer()
+        cfg = self.config
+        prompts = list(cfg.sample_prompts if prompts is None else prompts)
+        params = SamplingParams(
+            max_new_tokens=min(cfg.sample_max_new_tokens, self.model.config.block_size - 1),
+            temperature=cfg.sample_temperature,
+            top_k=cfg.sample_top_k,
+            seed=cfg.seed,
+            truncate_prompt=True,
+        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.model.training
+        with torch.random.fork_rng(devices=devices):
+            try:
+                results = generate(self.model, self.tokenizer, prompts, params)
+            finally:
+                self.model.train(was_training)
+        return [Sample(prompt=p, text=r.completions[0].text) for p, r in zip(prompts, results)]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write a checkpoint (default ``checkpoint_dir/step-NNNNNN``) atomically; returns its path."""
+        if path is None:
+            if self.config.checkpoint_dir is None:
+                raise ValueError("TrainConfig.checkpoint_dir is not set and no path was given")
+            path = Path(self.config.checkpoint_dir) / checkpoint_name(self.step)
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.model.save_pretrained(tmp)
+            state = {
+                "version": STATE_VERSION,
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"step": self.step, "lr": self.config.lr_at(max(self.step - 1, 0))},
+                "rng": _rng_state(self.device),
+                "train_loader": self.train_loader.state_dict(),
+                "train_loss": self.last_train_loss,
+                "val_loss": self.last_val_loss,
+                "config": self.config.to_dict(),
+                "model_config": self.model.config.to_dict(),
+            }
+            torch.save(state, tmp / STATE_FILE)
+            for name in os.listdir(tmp):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            if final.exists():
+                trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.last_checkpoint = final
+        self._prune_checkpoints(final.parent)
+        self._emit("on_checkpoint", self.step, final, self.last_train_loss, self.last_val_loss)
+        return final
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        keep = self.config.keep_last_checkpoints
+        if keep is None or self.config.checkpoint_dir is None or root != Path(self.config.checkpoint_dir):
+            return
+        for _, old in list_checkpoints(root)[:-keep]:
+            if old != self.last_checkpoint:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, path: str | Path | None = None) -> Path:
+        """Restore weights, optimizer, step, data position and RNG states from a checkpoint.
+
+        ``path`` is a checkpoint directory or a run directory (its latest checkpoint is used); default
+        ``config.checkpoint_dir``. Returns the checkpoint directory used.
+        """
+        if path is None:
+            path = self.config.checkpoint_dir
+            if path is None:
+                raise ValueError("no checkpoint path given and TrainConfig.checkpoint_dir is not set")
+        directory = Path(path)
+        if not (directory / STATE_FILE).is_file():
+            latest = latest_checkpoint(directory)
+            if latest is None:
+                raise FileNotFoundError(f"{directory}: no checkpoint ({STATE_FILE}) here or in a step-* directory")
+            directory = latest
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{directory / STATE_FILE}: unsupported trainer state version {state.get('version')!r}")
+
+        mc = self.model.config
+        loaded = GPT2.from_pretrained(directory, pad_vocab_multiple=mc.pad_vocab_multiple, dropout=mc.dropout)
+        try:
+            self.model.load_state_dict(loaded.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"{directory}: checkpoint does not fit this model: {exc}") from exc
+        del loaded
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.last_train_loss = state.get("train_loss")
+        self.last_val_loss = state.get("val_loss")
+        _set_rng_state(state["rng"], self.device)
+        self.last_checkpoint = directory
+        return directory
+
+    load_checkpoint = resume
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(*args)
+
+    def _should_stop(self) -> bool:
+        # Every callback is asked, so each sees the poll.
+        answers = [bool(cb.should_stop()) for cb in self.callbacks if hasattr(cb, "should_stop")]
+        return any(answers)
+
+    def _run_eval(self) -> float:
+        val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        self._last_eval_step = self.step
+        self._emit("on_eval", self.step, val_loss, perplexity(val_loss))
+        return val_loss
+
+    def fit(self) -> TrainResult:
+        """Train until ``max_steps`` or until a callback asks to stop; see the module doc for the order of events."""
+        cfg = self.config
+        start = time.perf_counter()
+        start_step = self.step
+        losses: list[float] = []
+        stopped = False
+        while True:
+            if self._should_stop():
+                stopped = self.step < cfg.max_steps
+                break
+            if self.step >= cfg.max_steps:
+                break
+            metrics = self.train_step()
+            metrics.elapsed = time.perf_counter() - start
+            losses.append(metrics.loss)
+            self._emit("on_step", metrics)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._run_eval()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._emit("on_sample", self.step, self.sample())
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if not stopped and self.val_loader is not None and cfg.eval_every and self.step > start_step:
+            if self._last_eval_step != self.step:
+                self._run_eval()
+        if cfg.checkpoint_dir is not None:
+            current = Path(cfg.checkpoint_dir) / checkpoint_name(self.step)
+            if not (current / STATE_FILE).is_file():
+                self.save_checkpoint()
+            else:
+                self.last_checkpoint = current
+        return TrainResult(
+            steps=self.step,
+            stopped=stopped,
+            final_loss=self.last_train_loss,
+            val_loss=self.last_val_loss,
+            perplexity=None if self.last_val_loss is None else perplexity(self.last_val_loss),
+            losses=losses,
+            checkpoint=self.last_checkpoint,
+            elapsed=time.perf_counter() - start,
+            tokens=self.tokens_seen,
+        )
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
