@@ -19,7 +19,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2core import GPT2, GPT2Config, default_device
-from gpt2core.generate import SamplingParams, generate
+from gpt2core.generation import SamplingParams, generate
 from gpt2core.tokenizer import GPT2Tokenizer
 
 
@@ -79,7 +79,7 @@ def bench_generation(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.de
     prompts = mixed_prompts(tok)
     new_tokens = args.new_tokens
     params = SamplingParams(
-        max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=0, stop_at_eot=False
+        max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=0, ignore_eos=True
     )
     width = max(map(len, prompts))
     input_ids = torch.full((len(prompts), width), tok.eot_id, dtype=torch.long)

@@ -2,7 +2,7 @@
 from .config import PRESETS, GPT2Config
 from .data import BatchLoader, DatasetError, load_dataset, prepare_dataset
 from .device import default_device, set_default_device
-from .generate import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
+from .generation import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
 from .hf import CheckpointError
 from .model import GPT2
 from .tokenizer import GPT2Tokenizer

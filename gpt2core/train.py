@@ -487,7 +487,7 @@ class Trainer:
 
     def sample(self, prompts: Sequence[str] | None = None) -> list[Sample]:
         """Generate from ``prompts`` (default ``config.sample_prompts``) without touching the training RNG."""
-        from .generate import SamplingParams, generate  # imported here: training works without generate.py
+        from .generation import SamplingParams, generate
 
         if self.tokenizer is None:
             from .tokenizer import GPT2Tokenizer

@@ -274,7 +274,6 @@ def test_evaluation_is_deterministic():
 
 
 def test_samples_reach_callbacks(tmp_path):
-    pytest.importorskip("gpt2core.generate")
     recorder = Recorder()
     cfg = TrainConfig(max_steps=2, batch_size=2, block_size=16, sample_every=1, sample_prompts=["Hello", ""],
                       sample_max_new_tokens=5, device="cpu")
