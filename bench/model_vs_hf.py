@@ -66,6 +66,12 @@ def bench_training(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.devi
     return tokens / min(times["ours"]), tokens / min(times["theirs"])
 
 
+def training_flops_per_token(model: GPT2, seq_len: int) -> float:
+    """nanoGPT's (PaLM appendix B) estimate: 6 per parameter plus attention, forward and backward."""
+    c = model.config
+    return 6 * model.num_parameters() + 12 * c.n_layer * c.n_embd * seq_len
+
+
 def mixed_prompts(tok: GPT2Tokenizer, count: int = 16, shortest: int = 8, longest: int = 200) -> list[list[int]]:
     import pydoc_data.topics
 
@@ -127,6 +133,8 @@ def main() -> None:
     parser.add_argument("--train-seq", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, to print MFU "
+                        "(H100 SXM bf16 dense: 989)")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
     args = parser.parse_args()
@@ -144,6 +152,9 @@ def main() -> None:
         a, b = bench_training(ours, theirs, args, device)
         print(f"training   (B={args.train_batch}, T={args.train_seq}): gpt2core {a:9.1f} tok/s   "
               f"transformers {b:9.1f} tok/s   ratio {a / b:.2f}x")
+        achieved = a * training_flops_per_token(ours, args.train_seq) / 1e12
+        mfu = f", MFU {achieved / args.peak_tflops:.1%}" if args.peak_tflops else ""
+        print(f"gpt2core training: {achieved:.2f} TFLOP/s achieved{mfu}")
     if not args.skip_generation:
         a, b = bench_generation(ours, theirs, args, device)
         print(f"generation (16 prompts, 8-200 tokens, {args.new_tokens} new): gpt2core {a:9.1f} tok/s   "

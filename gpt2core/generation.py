@@ -171,8 +171,8 @@ def generate(
 
     `params` is one SamplingParams for all prompts or one per prompt. At most `max_batch_size` completions are
     decoded together; their KV cache takes 2 * n_layer * max_batch_size * n_embd * (longest prompt +
-    max_new_tokens) numbers. Text prompts may contain "<|endoftext|>", which becomes GPT-2's document separator
-    token; an empty prompt starts from that token, as GPT-2's unconditional samples do. All prompts are checked
+    max_new_tokens) numbers. Text prompts are user text: "<|endoftext|>" in them is ordinary text (pass token ids to
+    use the separator token); an empty prompt starts from that token, as GPT-2's unconditional samples do. All prompts are checked
     (PromptTooLongError, ValueError) before any compute. `device` defaults to, and must equal, the model's.
     """
     if isinstance(prompts, str):
