@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+from openapi_spec_validator import validate
+
+from api import create_app
+from jobs.settings import Settings
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json == {"status": "ok"}
+
+
+def test_readyz_when_database_answers(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json["checks"]["database"] == "ok"
+
+
+def test_readyz_is_503_when_database_is_unreachable(tmp_path):
+    settings = Settings.from_env(
+        {"GPT2JOBS_VAR_DIR": str(tmp_path), "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    )
+    response = create_app(settings).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.json["checks"]["database"] == "unreachable"
+
+
+def test_openapi_document_is_valid(client):
+    spec = client.get("/openapi.json").json
+    validate(spec)
+    assert "/healthz" in spec["paths"] and "JobRequest" in spec["components"]["schemas"]
+
+
+def test_docs_page_renders_routes(client):
+    response = client.get("/docs")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert "/openapi.json" in response.text and "GenerateJobRequest" in response.text
+
+
+def test_unknown_route_is_json_404(client):
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json["error"]["code"] == "not_found"
+
+
+def test_api_imports_without_torch():
+    """The API process never needs torch: importing it with torch blocked must work."""
+    code = (
+        "import sys; sys.modules['torch'] = None; "
+        "import api; app = api.create_app(); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        "GPT2JOBS_VAR_DIR": "/tmp/gpt2jobs-import-check", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
