@@ -6,6 +6,10 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from jobs.errors import Conflict, DomainError, NotFound, TooLarge
+
+DOMAIN_STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413))
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, param: str | None = None):
@@ -27,6 +31,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.param)
+
+    @app.errorhandler(DomainError)
+    def domain_error(exc: DomainError):
+        status = next((status for kind, status in DOMAIN_STATUS if isinstance(exc, kind)), 400)
+        return error_response(status, exc.code, exc.message, exc.param)
 
     @app.errorhandler(ValidationError)
     def invalid_body(exc: ValidationError):

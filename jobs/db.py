@@ -14,7 +14,10 @@ def make_engine(database_url: str) -> Engine:
         path = database_url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(database_url, connect_args={"timeout": 30})
+        # isolation_level=None turns off the sqlite3 module's own transaction handling (it begins late and
+        # breaks SAVEPOINT); SQLAlchemy's begin then emits BEGIN IMMEDIATE, which takes the write lock up front
+        # so a read-then-write unit of work never fails on a lock upgrade under concurrency.
+        engine = create_engine(database_url, connect_args={"timeout": 30, "isolation_level": None})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -22,6 +25,10 @@ def make_engine(database_url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     if database_url.startswith("postgresql://"):
@@ -35,3 +42,8 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     with factory() as session:
         with session.begin():
             yield session
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit, so callers can serialise what they just wrote."""
+    return sessionmaker(engine, expire_on_commit=False)

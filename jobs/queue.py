@@ -1,0 +1,198 @@
+"""The queue wiring shared by the API (which enqueues) and the workers (which consume).
+
+Jobs live in the database; the broker only carries "run job <id>". Messages are sent BY TASK NAME with the
+job id as their only argument, so the API never imports the worker code (or torch).
+
+Two brokers are supported, chosen by ``Settings.broker_url``:
+
+* ``filesystem://`` (the embedded default): kombu's filesystem transport, every message a file under
+  ``settings.broker_folder`` (``messages/``; consumed messages are moved to ``processed/``, a rename on the
+  same file system, so two consumers never both take the same message; ``control/`` holds the exchange
+  tables). Needs no server; producer and consumers must share that folder.
+* ``redis://...``: the deployment broker, configured for long GPU jobs: a message is acknowledged only when
+  its task finishes (``task_acks_late``), redelivered if the worker process dies
+  (``task_reject_on_worker_lost``), a worker reserves one message at a time (``worker_prefetch_multiplier=1``)
+  and an unacknowledged message is redelivered only after ``VISIBILITY_TIMEOUT`` seconds (default 12 h; it
+  must exceed the longest job, or a still-running job gets delivered a second time).
+
+No result backend is used (``task_ignore_result``): job state and results live in the database.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from jobs.errors import BrokerUnavailable
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TASK_NAMES", "JOB_QUEUES", "QUEUES", "DEFAULT_QUEUE", "ENV_VARS", "BrokerUnavailable", "task_name", "queue_for",
+    "visibility_timeout", "celery_config", "make_celery", "enqueue", "broker_reachable",
+]
+
+#: Job type -> Celery task name. The API enqueues by these names; workers register tasks under them.
+TASK_NAMES: dict[str, str] = {
+    "train": "gpt2jobs.train",
+    "finetune": "gpt2jobs.finetune",
+    "generate": "gpt2jobs.generate",
+}
+
+#: Job type -> queue. Training and fine-tuning share the "train" queue; generation has its own.
+JOB_QUEUES: dict[str, str] = {"train": "train", "finetune": "train", "generate": "generate"}
+
+#: Every queue a worker may consume, in a stable order (``celery worker --queues train,generate``).
+QUEUES: tuple[str, ...] = ("train", "generate")
+
+#: Where a message for a task name nobody routed would go (one the workers consume, unlike Celery's "celery").
+DEFAULT_QUEUE = "train"
+
+#: Environment variables this module reads (besides those ``Settings.from_env`` reads).
+ENV_VARS: tuple[str, ...] = ("VISIBILITY_TIMEOUT",)
+
+DEFAULT_VISIBILITY_TIMEOUT = 12 * 60 * 60  # seconds; must exceed the longest job
+
+#: Seconds to wait for a TCP connection to the broker, and the publish retry policy: an unreachable broker
+#: fails an enqueue within a few seconds instead of blocking an API request for minutes.
+CONNECT_TIMEOUT = 3.0
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 1.0}
+
+
+def task_name(job_type: str) -> str:
+    try:
+        return TASK_NAMES[job_type]
+    except KeyError:
+        raise ValueError(f"unknown job type {job_type!r}; expected one of {sorted(TASK_NAMES)}") from None
+
+
+def queue_for(job_type: str) -> str:
+    task_name(job_type)  # same error for an unknown type
+    return JOB_QUEUES[job_type]
+
+
+def visibility_timeout(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    raw = env.get("VISIBILITY_TIMEOUT")
+    if raw in (None, ""):
+        return DEFAULT_VISIBILITY_TIMEOUT
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"VISIBILITY_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def filesystem_transport_options(broker_folder: Path) -> dict[str, object]:
+    """kombu filesystem transport options under ``broker_folder``; creates the folders.
+
+    ``data_folder_in`` (read from) and ``data_folder_out`` (written to) are the same folder, so producer and
+    consumer see the same messages. kombu needs every folder to exist: it would ``shutil.move`` a consumed
+    message onto the path of a missing ``processed/`` folder, and it creates ``control/`` without parents.
+    """
+    folder = Path(broker_folder).resolve()
+    messages, processed, control = folder / "messages", folder / "processed", folder / "control"
+    for path in (messages, processed, control):
+        path.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(messages),
+        "data_folder_out": str(messages),
+        # Keep consumed messages in processed/ (a same-file-system rename, atomic) rather than kombu's default
+        # of moving them to the system temp dir, which may be another file system (copy + delete: two
+        # workers could both copy, and both run, the same message). They are small; prune at will.
+        "store_processed": True,
+        "processed_folder": str(processed),
+        "control_folder": str(control),
+    }
+
+
+def celery_config(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """The Celery configuration for ``settings.broker_url`` (see the module docstring)."""
+    url = settings.broker_url
+    timeout = visibility_timeout(environ)
+    config: dict[str, object] = {
+        "broker_url": url,
+        "broker_connection_timeout": CONNECT_TIMEOUT,
+        "broker_connection_retry_on_startup": True,  # the worker waits for the broker when it starts
+        "task_publish_retry": True,
+        "task_publish_retry_policy": dict(PUBLISH_RETRY_POLICY),
+        "task_queues": tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_routes": {name: {"queue": JOB_QUEUES[job_type]} for job_type, name in TASK_NAMES.items()},
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Long GPU jobs: ack when done, redeliver if the worker dies, take one message at a time.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # A task whose ack can no longer be sent (the broker connection dropped) will be redelivered anyway;
+        # stop it rather than run it twice at once (Celery 6's default; also silences its warning).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    if url.startswith("filesystem://"):
+        config["broker_transport_options"] = filesystem_transport_options(settings.broker_folder)
+    else:
+        transport_options = {
+            "visibility_timeout": timeout,
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_timeout": 30,
+            "retry_on_timeout": True,
+        }
+        config["broker_transport_options"] = transport_options
+        # Set in all three places (broker transport, result-backend transport, top level): different Celery
+        # and kombu code paths read different ones, and none may fall back to kombu's 1 h Redis default.
+        config["result_backend_transport_options"] = {"visibility_timeout": timeout}
+        config["visibility_timeout"] = timeout
+    return config
+
+
+def make_celery(settings: Settings | None = None, environ: Mapping[str, str] | None = None,
+                main: str = "gpt2jobs") -> Celery:
+    """A Celery app wired to ``settings.broker_url`` (``Settings.from_env()`` when not given)."""
+    settings = Settings.from_env(environ) if settings is None else settings
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(settings, environ))
+    return app
+
+
+def enqueue(celery_app: Celery, job_type: str, job_id: str | int) -> str:
+    """Send job ``job_id`` of ``job_type`` to its queue, by task name; returns the Celery task id.
+
+    Raises ``ValueError`` for an unknown job type and ``BrokerUnavailable`` when the broker cannot be reached
+    (within a few seconds: see ``CONNECT_TIMEOUT`` and ``PUBLISH_RETRY_POLICY``).
+    """
+    name, queue = task_name(job_type), queue_for(job_type)
+    try:
+        result = celery_app.send_task(name, args=[job_id], queue=queue)
+    except Exception as exc:  # kombu OperationalError, ChannelError, redis ConnectionError, OSError...
+        raise BrokerUnavailable(f"could not enqueue {job_type} job {job_id} on queue {queue!r}: {exc}") from exc
+    log.info("enqueued %s job %s as %s on queue %s", job_type, job_id, name, queue)
+    return result.id
+
+
+def broker_reachable(celery_app: Celery, timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Whether the broker accepts a connection now (one attempt, no retries): for /readyz."""
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+            if conn.transport_cls == "filesystem" or conn.transport.driver_type == "filesystem":
+                options = conn.transport_options
+                folder = Path(str(options.get("data_folder_out", "")))
+                return folder.is_dir() and os.access(folder, os.W_OK)
+            # Redis connects lazily: ask it something.
+            with conn.channel() as channel:
+                client = getattr(channel, "client", None)
+                if client is not None:
+                    client.ping()
+        return True
+    except Exception as exc:  # any failure to reach it means "not ready"
+        log.warning("broker not reachable: %s", exc)
+        return False

@@ -1,0 +1,94 @@
+"""Artifacts on disk: uploaded files, models, checkpoints. Writes are streamed and atomic (temporary file, then rename).
+
+Layout under the root:
+    files/<file-id>                 uploads
+    models/<model-id>/              saved models (a directory in Hugging Face format)
+    jobs/<job-id>/checkpoints/      a job's checkpoints
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from jobs.errors import TooLarge
+
+CHUNK_BYTES = 1 << 20
+_SAFE_ID = re.compile(r"^[a-z]+-[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    path: Path
+    bytes: int
+    sha256: str
+    lines: int  # newline-separated lines, counting a last line without a newline
+
+
+def _checked(id: str) -> str:
+    """Ids become path components; refuse anything that could leave the folder."""
+    if not _SAFE_ID.fullmatch(id):
+        raise ValueError(f"not a storage-safe id: {id!r}")
+    return id
+
+
+class ArtifactStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def file_path(self, file_id: str) -> Path:
+        return self.root / "files" / _checked(file_id)
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.root / "models" / _checked(model_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / _checked(job_id)
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    def write_stream(self, dest: Path, stream: BinaryIO, max_bytes: int) -> StoredBlob:
+        """Copy `stream` to `dest` in chunks, hashing and counting as it goes; memory use is one chunk.
+
+        Raises TooLarge (and leaves nothing behind) once more than `max_bytes` arrive.
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        newlines = 0
+        last_byte = b""
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLarge(f"Upload exceeds the limit of {max_bytes} bytes", param="file")
+                    digest.update(chunk)
+                    newlines += chunk.count(b"\n")
+                    last_byte = chunk[-1:]
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        lines = newlines + (1 if last_byte not in (b"", b"\n") else 0)
+        return StoredBlob(path=dest, bytes=size, sha256=digest.hexdigest(), lines=lines)
+
+    def delete(self, path: Path) -> None:
+        """Remove a file or a whole directory under the root; a missing path is not an error."""
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"{path} is outside the artifact root {self.root}")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
