@@ -3,15 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from celery import Celery
 from flask import Flask
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.db import make_engine
+from jobs.db import make_engine, make_session_factory
+from jobs.queue import make_celery
 from jobs.settings import Settings
+from jobs.storage import ArtifactStore
 
 from .errors import register_error_handlers
+from .files import files
 from .health import health
+from .jobs import jobs
+from .keys import keys
 from .openapi import openapi
 
 
@@ -22,6 +28,8 @@ class Platform:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    artifacts: ArtifactStore
+    celery: Celery
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -29,8 +37,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     engine = make_engine(settings.database_url)
-    app.extensions["gpt2jobs"] = Platform(settings, engine, sessionmaker(engine, expire_on_commit=False))
+    app.extensions["gpt2jobs"] = Platform(
+        settings, engine, make_session_factory(engine), ArtifactStore(settings.artifact_dir), make_celery(settings)
+    )
     register_error_handlers(app)
     app.register_blueprint(health)
     app.register_blueprint(openapi)
+    app.register_blueprint(files)
+    app.register_blueprint(jobs)
+    app.cli.add_command(keys)
     return app

@@ -5,6 +5,8 @@ from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from jobs.queue import broker_reachable
+
 health = Blueprint("health", __name__)
 
 
@@ -25,5 +27,6 @@ def readyz():
         checks["database"] = "ok"
     except SQLAlchemyError:
         checks["database"] = "unreachable"
+    checks["broker"] = "ok" if broker_reachable(platform.celery) else "unreachable"
     ready = all(v == "ok" for v in checks.values())
     return jsonify(status="ready" if ready else "unavailable", checks=checks), 200 if ready else 503

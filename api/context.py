@@ -1,0 +1,82 @@
+"""What every /v1 route shares: the caller's identity, a unit-of-work session, paging and JSON shapes."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Iterator
+
+from flask import Blueprint, current_app, g, request
+from sqlalchemy.orm import Session
+
+from jobs import repository
+from jobs.db import session_scope
+
+from .errors import ApiError
+
+
+def platform():
+    return current_app.extensions["gpt2jobs"]
+
+
+@contextmanager
+def unit_of_work() -> Iterator[Session]:
+    with session_scope(platform().sessions) as session:
+        yield session
+
+
+def owner() -> str:
+    return g.owner
+
+
+def require_api_key() -> None:
+    """Before every /v1 request: the bearer key's owner becomes g.owner, else 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if not header:
+        raise ApiError(401, "missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "invalid_api_key", "The Authorization header must be 'Bearer <key>'.")
+    with unit_of_work() as session:
+        found = repository.authenticate(session, secret.strip())
+    if found is None:
+        raise ApiError(401, "invalid_api_key", "The API key is not valid or has been revoked.")
+    g.owner = found
+
+
+def v1_blueprint(name: str) -> Blueprint:
+    blueprint = Blueprint(name, __name__, url_prefix="/v1")
+    blueprint.before_request(require_api_key)
+    return blueprint
+
+
+def paging(cursor_type: type = str) -> dict[str, Any]:
+    """`after` and `limit` from the query string, as repository list functions take them."""
+    raw_limit = request.args.get("limit", "20")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        raise ApiError(400, "invalid_request", f"limit must be an integer from 1 to 100, got {raw_limit!r}", "limit")
+    if not 1 <= limit <= 100:
+        raise ApiError(400, "invalid_request", f"limit must be from 1 to 100, got {limit}", "limit")
+    after = request.args.get("after")
+    if after is not None and cursor_type is int:
+        try:
+            after = int(after)
+        except ValueError:
+            raise ApiError(400, "invalid_request", f"after must be an integer id, got {after!r}", "after")
+    return {"after": after, "limit": limit}
+
+
+def page(items: list[Any], has_more: bool, shape) -> dict[str, Any]:
+    data = [shape(item) for item in items]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+def unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None

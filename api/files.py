@@ -1,0 +1,85 @@
+"""/v1/files: upload, list, fetch, download and delete files (training text/JSONL, generation input JSONL)."""
+from __future__ import annotations
+
+from flask import request, send_file
+
+from jobs import repository
+from jobs.models import File, new_id
+
+from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .errors import ApiError
+from .schemas import FILE_PURPOSES
+from .uploads import check_generation_file, check_training_file
+
+files = v1_blueprint("files")
+CHECKS = {"train": check_training_file, "generate": check_generation_file}
+
+
+def file_object(file: File) -> dict:
+    return {
+        "id": file.id,
+        "object": "file",
+        "purpose": file.purpose,
+        "filename": file.filename,
+        "bytes": file.bytes,
+        "sha256": file.sha256,
+        "records": file.records,
+        "created_at": unix(file.created_at),
+    }
+
+
+@files.post("/files")
+def upload_file():
+    """Upload a file (multipart: `file`, `purpose` train or generate); checked line by line before it is stored."""
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "Upload files as multipart/form-data with fields file and purpose.")
+    purpose = request.form.get("purpose")
+    if purpose not in FILE_PURPOSES:
+        raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise ApiError(400, "invalid_request", "the multipart field 'file' is required", "file")
+    store = platform().artifacts
+    file_id = new_id("file")
+    blob = store.write_stream(store.file_path(file_id), upload.stream, platform().settings.max_upload_bytes)
+    try:
+        with blob.path.open("rb") as stored:
+            records = CHECKS[purpose](stored, upload.filename)
+        with unit_of_work() as session:
+            file = repository.create_file(session, owner(), purpose, upload.filename, blob, records, file_id=file_id)
+    except BaseException:
+        store.delete(blob.path)
+        raise
+    return file_object(file), 201
+
+
+@files.get("/files")
+def list_files():
+    """List your files, newest first (`purpose`, `after`, `limit`)."""
+    with unit_of_work() as session:
+        items, has_more = repository.list_files(session, owner(), purpose=request.args.get("purpose"), **paging())
+        return page(items, has_more, file_object)
+
+
+@files.get("/files/<file_id>")
+def get_file(file_id: str):
+    """One file's metadata."""
+    with unit_of_work() as session:
+        return file_object(repository.get_file(session, owner(), file_id))
+
+
+@files.get("/files/<file_id>/content")
+def file_content(file_id: str):
+    """The file's bytes, as uploaded."""
+    with unit_of_work() as session:
+        file = repository.get_file(session, owner(), file_id)
+    return send_file(file.storage_path, as_attachment=True, download_name=file.filename)
+
+
+@files.delete("/files/<file_id>")
+def delete_file(file_id: str):
+    """Delete a file (409 while an unfinished job uses it)."""
+    with unit_of_work() as session:
+        file = repository.delete_file(session, owner(), file_id)
+    platform().artifacts.delete(platform().artifacts.file_path(file.id))
+    return {"id": file.id, "object": "file", "deleted": True}

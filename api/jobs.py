@@ -1,0 +1,215 @@
+"""/v1/jobs: submit, list, fetch and cancel jobs; their events, checkpoints and generation results."""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Iterator
+
+from flask import Response, request
+from pydantic import TypeAdapter
+from werkzeug.exceptions import BadRequest
+
+from jobs import repository
+from jobs.errors import BrokerUnavailable
+from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
+from jobs.queue import enqueue
+
+from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .errors import ApiError
+from .schemas import FinetuneJobRequest, GenerateJobRequest, JobRequest, TrainJobRequest
+
+jobs = v1_blueprint("jobs")
+JOB_REQUEST = TypeAdapter(JobRequest)
+RESULTS_PAGE = 100
+
+
+def draw_seed() -> int:
+    return secrets.randbits(63)
+
+
+def resolve(spec: TrainJobRequest | FinetuneJobRequest | GenerateJobRequest) -> tuple[dict, dict]:
+    """The job's params with every default filled in (seeds drawn now), and its file/model references."""
+    if isinstance(spec, GenerateJobRequest):
+        limit = platform().settings.max_inline_prompts
+        if spec.prompts is not None and len(spec.prompts) > limit:
+            raise ApiError(422, "invalid_request", f"prompts: at most {limit} inline prompts; upload an input_file "
+                           "for more", "prompts")
+        sampling = spec.sampling.model_dump()
+        sampling["seed"] = draw_seed() if sampling["seed"] is None else sampling["seed"]
+        params = {"model": spec.model, "sampling": sampling, "prompts": spec.prompts}
+        return params, {"input_file_id": spec.input_file, "base_model_id": spec.model}
+    params = spec.model_dump(exclude={"type", "training_file", "validation_file", "metadata"})
+    params["seed"] = draw_seed() if params["seed"] is None else params["seed"]
+    refs = {"training_file_id": spec.training_file, "validation_file_id": spec.validation_file}
+    if isinstance(spec, FinetuneJobRequest):
+        refs["base_model_id"] = spec.model
+    return params, refs
+
+
+def default_progress(job: Job) -> dict[str, Any]:
+    if job.type == "generate":
+        prompts = job.params.get("prompts")
+        return {"total": len(prompts) if prompts is not None else None, "completed": 0, "failed": 0}
+    return {"step": 0, "total_steps": job.params.get("hyperparameters", {}).get("max_steps"), "loss": None,
+            "val_loss": None, "tokens_per_second": None, "eta_seconds": None}
+
+
+def job_object(job: Job) -> dict[str, Any]:
+    params = dict(job.params)
+    prompts = params.pop("prompts", None)
+    if prompts is not None:
+        params["prompt_count"] = len(prompts)
+    return {
+        "id": job.id,
+        "object": "job",
+        "type": job.type,
+        "status": job.status,
+        "created_at": unix(job.created_at),
+        "started_at": unix(job.started_at),
+        "finished_at": unix(job.finished_at),
+        "training_file": job.training_file_id,
+        "validation_file": job.validation_file_id,
+        "input_file": job.input_file_id,
+        **params,
+        "progress": job.progress or default_progress(job),
+        "result": job.result,
+        "error": job.error,
+        "attempts": job.attempts,
+        "metadata": job.metadata_,
+    }
+
+
+def json_body() -> Any:
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "Send the job as JSON (Content-Type: application/json).")
+    try:
+        return request.get_json()
+    except BadRequest:
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.", "body") from None
+
+
+@jobs.post("/jobs")
+def submit_job():
+    """Submit a train, finetune or generate job; 202 with the queued job. `Idempotency-Key` makes retries safe."""
+    body = json_body()
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "The body must be a JSON object.", "body")
+    if "type" not in body:
+        raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
+    spec = JOB_REQUEST.validate_python(body)
+    params, refs = resolve(spec)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters.", "Idempotency-Key")
+    with unit_of_work() as session:
+        job, created = repository.create_job(
+            session, owner(), spec.type, params, **refs, metadata=spec.metadata, idempotency_key=key,
+            request_hash=repository.hash_request(body) if key is not None else None,
+        )
+        shown = job_object(job)
+    if created:
+        try:
+            enqueue(platform().celery, job.type, job.id)
+        except BrokerUnavailable:
+            # Never acknowledge what no worker will see: take the job back out.
+            with unit_of_work() as session:
+                session.delete(session.get(Job, job.id))
+            raise ApiError(503, "broker_unavailable", "The job queue cannot be reached; nothing was submitted. "
+                           "Try again shortly.")
+    return shown, 202, {"Location": f"/v1/jobs/{job.id}"}
+
+
+@jobs.get("/jobs")
+def list_jobs():
+    """List your jobs, newest first (`type`, `status`, `after`, `limit`)."""
+    with unit_of_work() as session:
+        items, has_more = repository.list_jobs(
+            session, owner(), type=request.args.get("type"), status=request.args.get("status"), **paging()
+        )
+        return page(items, has_more, job_object)
+
+
+@jobs.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    """One job: status, resolved parameters, progress, result and error."""
+    with unit_of_work() as session:
+        return job_object(repository.get_job(session, owner(), job_id))
+
+
+@jobs.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """Cancel: a queued job is cancelled at once, a running one becomes cancelling; 409 once finished."""
+    with unit_of_work() as session:
+        return job_object(repository.cancel_job(session, owner(), job_id))
+
+
+def event_object(event: JobEvent) -> dict[str, Any]:
+    return {"id": event.id, "object": "job.event", "created_at": unix(event.created_at), "level": event.level,
+            "type": event.type, "message": event.message, "data": event.data}
+
+
+@jobs.get("/jobs/<job_id>/events")
+def list_events(job_id: str):
+    """The job's events, oldest first (`after` an event id, `limit`)."""
+    with unit_of_work() as session:
+        items, has_more = repository.list_events(session, owner(), job_id, **paging(int))
+        return page(items, has_more, event_object)
+
+
+def checkpoint_object(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"id": checkpoint.id, "object": "job.checkpoint", "step": checkpoint.step,
+            "train_loss": checkpoint.train_loss, "val_loss": checkpoint.val_loss,
+            "created_at": unix(checkpoint.created_at), "bytes": checkpoint.bytes}
+
+
+@jobs.get("/jobs/<job_id>/checkpoints")
+def list_checkpoints(job_id: str):
+    """The job's checkpoints, by step."""
+    with unit_of_work() as session:
+        return page(repository.list_checkpoints(session, owner(), job_id), False, checkpoint_object)
+
+
+def result_object(result: GenerationResult) -> dict[str, Any]:
+    return {"id": result.index, "custom_id": result.custom_id, "index": result.index, "prompt": result.prompt,
+            "completions": result.completions, "usage": result.usage, "error": result.error}
+
+
+def generation_job(session, job_id: str) -> Job:
+    job = repository.get_job(session, owner(), job_id)
+    if job.type != "generate":
+        raise ApiError(400, "invalid_request", f"{job.type} jobs have no generation results", "job_id")
+    return job
+
+
+@jobs.get("/jobs/<job_id>/results")
+def list_results(job_id: str):
+    """Generation results in input order, paged (`after` an index, `limit`)."""
+    with unit_of_work() as session:
+        generation_job(session, job_id)
+        items, has_more = repository.list_generation_results(session, owner(), job_id, **paging(int))
+        return page(items, has_more, result_object)
+
+
+@jobs.get("/jobs/<job_id>/results.jsonl")
+def stream_results(job_id: str):
+    """Every generation result as JSON lines, in input order, streamed."""
+    caller = owner()
+    with unit_of_work() as session:
+        generation_job(session, job_id)
+
+    def lines() -> Iterator[str]:
+        after = None
+        while True:
+            with unit_of_work() as session:
+                items, has_more = repository.list_generation_results(session, caller, job_id, after=after,
+                                                                     limit=RESULTS_PAGE)
+                chunk = [result_object(r) for r in items]
+            for item in chunk:
+                item.pop("id")
+                yield json.dumps(item, ensure_ascii=False) + "\n"
+            if not has_more:
+                return
+            after = chunk[-1]["index"]
+
+    return Response(lines(), mimetype="application/x-ndjson",
+                    headers={"Content-Disposition": f"attachment; filename={job_id}-results.jsonl"})
