@@ -18,6 +18,7 @@ from .files import files
 from .health import health
 from .jobs import jobs
 from .keys import keys
+from .models import models
 from .openapi import openapi
 
 
@@ -45,5 +46,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi)
     app.register_blueprint(files)
     app.register_blueprint(jobs)
+    app.register_blueprint(models)
     app.cli.add_command(keys)
     return app
