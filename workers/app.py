@@ -1,0 +1,60 @@
+"""The workers' Celery app, wired by ``jobs.queue.make_celery``, and its start-up log."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+from celery.signals import worker_ready
+
+from jobs.queue import make_celery
+from jobs.settings import Settings
+
+log = logging.getLogger("workers")
+
+settings = Settings.from_env()
+app = make_celery(settings, main="workers")
+
+
+_DEVICE_PROBE = """
+import torch
+if torch.cuda.is_available():
+    n = torch.cuda.device_count()
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
+    print(f"cuda ({n} GPU(s): {names}; torch {torch.__version__})")
+else:
+    print(f"cpu (no CUDA device visible; torch {torch.__version__})")
+"""
+
+
+def describe_device(timeout: float = 120.0) -> str:
+    """The compute device jobs will run on, e.g. "cuda (1 GPU(s): NVIDIA H100; torch 2.13.0)" or "cpu (...)".
+
+    Probed in a child interpreter: initialising CUDA in the worker's main process would break CUDA in the
+    pool processes it forks later. Never raises: a missing or broken torch is reported, not fatal.
+    """
+    try:
+        probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE], capture_output=True, text=True,
+                               timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown (device probe failed: {exc})"
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"unknown (torch not usable: {last})"
+    return probe.stdout.strip()
+
+
+@worker_ready.connect
+def _log_start(sender=None, **_kwargs) -> None:
+    queues = "unknown"
+    try:
+        queues = ", ".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
+    except Exception:
+        pass
+    device = describe_device()
+    forced = os.environ.get("GPT2CORE_DEVICE")
+    if forced:
+        device += f"; GPT2CORE_DEVICE={forced} overrides it for jobs"
+    log.info("worker ready: device %s; consuming queues: %s; broker %s",
+             device, queues, sender.app.connection_for_read().as_uri())
