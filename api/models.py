@@ -76,6 +76,7 @@ def shape(model: Model) -> dict[str, Any]:
 
 @models.get("/models")
 def list_models():
+    """List your models, newest first (`after`, `limit`)."""
     with unit_of_work() as session:
         items, has_more = repository.list_models(session, owner(), **paging())
         return page(items, has_more, shape)
@@ -83,12 +84,14 @@ def list_models():
 
 @models.get("/models/<model_id>")
 def get_model(model_id: str):
+    """One model: name, source, producing job, config and parameter count."""
     with unit_of_work() as session:
         return shape(repository.get_model(session, owner(), model_id))
 
 
 @models.delete("/models/<model_id>")
 def delete_model(model_id: str):
+    """Delete a model and its weights (409 while an unfinished job builds on it)."""
     with unit_of_work() as session:
         model = repository.delete_model(session, owner(), model_id)
         storage_path = model.storage_path
@@ -109,6 +112,7 @@ def remove_quietly(path: Path) -> None:
 
 @models.post("/models")
 def import_model():
+    """Import a Hugging Face format archive (multipart `file`, a tar or zip of config.json and weights)."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Send the model archive as multipart/form-data.", "file")
     upload = request.files.get("file")
@@ -361,6 +365,7 @@ def check_checkpoint(directory: Path) -> dict[str, Any]:
 
 @models.get("/models/<model_id>/download")
 def download_model(model_id: str):
+    """The model in Hugging Face format, as a .tar.gz."""
     with unit_of_work() as session:
         model = repository.get_model(session, owner(), model_id)
     directory = Path(model.storage_path)

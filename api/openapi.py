@@ -7,7 +7,10 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 from pydantic import TypeAdapter
 
-from .schemas import JobRequest
+from jobs.models import JOB_TYPES
+from jobs.states import STATUSES
+
+from .schemas import FILE_PURPOSES, JobRequest
 
 openapi = Blueprint("openapi", __name__)
 
@@ -28,6 +31,67 @@ ERROR_SCHEMA = {
 }
 
 
+def query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema or {"type": "string"}}
+
+
+def multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required}}}}
+
+
+LIMIT = query("limit", "Page size, 1 to 100 (default 20).", {"type": "integer", "minimum": 1, "maximum": 100})
+AFTER_ID = query("after", "The last id of the previous page (its last_id).")
+AFTER_INT = query("after", "The last id of the previous page (its last_id).", {"type": "integer"})
+BINARY = {"type": "string", "format": "binary"}
+
+#: What the url_map cannot tell: bodies, query parameters and success codes, by endpoint.
+OPERATIONS: dict[str, dict[str, Any]] = {
+    "files.upload_file": {"status": "201", "requestBody": multipart(
+        {"file": BINARY, "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}, ["file", "purpose"])},
+    "files.list_files": {"parameters": [query("purpose", "Only files with this purpose.",
+                                              {"type": "string", "enum": list(FILE_PURPOSES)}), AFTER_ID, LIMIT]},
+    "jobs.submit_job": {
+        "status": "202",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {
+            "type": "string", "maxLength": 255}, "description": "A retry with the same key and body returns the "
+                                                                 "original job; a different body is a 409."}],
+    },
+    "jobs.list_jobs": {"parameters": [
+        query("type", "Only jobs of this type.", {"type": "string", "enum": list(JOB_TYPES)}),
+        query("status", "Only jobs in this status.", {"type": "string", "enum": list(STATUSES)}),
+        AFTER_ID, LIMIT]},
+    "jobs.list_events": {"parameters": [AFTER_INT, LIMIT]},
+    "jobs.list_results": {"parameters": [AFTER_INT, LIMIT]},
+    "models.list_models": {"parameters": [AFTER_ID, LIMIT]},
+    "models.import_model": {"status": "201", "requestBody": multipart(
+        {"file": BINARY, "name": {"type": "string", "maxLength": 255}}, ["file"])},
+}
+
+
+def operation(endpoint: str, method: str, summary: str, path_arguments: list[str]) -> dict[str, Any]:
+    extra = OPERATIONS.get(endpoint, {})
+    spec: dict[str, Any] = {
+        "operationId": f"{endpoint}.{method}",
+        "summary": summary,
+        "parameters": [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
+                       for arg in path_arguments] + extra.get("parameters", []),
+        "responses": {
+            extra.get("status", "200"): {"description": "Success"},
+            "default": {
+                "description": "Error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+    if "requestBody" in extra:
+        spec["requestBody"] = extra["requestBody"]
+    return spec
+
+
 def document() -> dict[str, Any]:
     components = {"Error": ERROR_SCHEMA}
     job_request = TypeAdapter(JobRequest).json_schema(ref_template="#/components/schemas/{model}")
@@ -39,23 +103,12 @@ def document() -> dict[str, Any]:
             continue
         view = current_app.view_functions[rule.endpoint]
         path = rule.rule.replace("<", "{").replace(">", "}")
+        summary = (view.__doc__ or rule.endpoint).strip().splitlines()[0]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            summary = (view.__doc__ or rule.endpoint).strip().splitlines()[0]
-            paths.setdefault(path, {})[method.lower()] = {
-                "operationId": f"{rule.endpoint}.{method.lower()}",
-                "summary": summary,
-                "parameters": [
-                    {"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
-                    for arg in sorted(rule.arguments)
-                ],
-                "responses": {
-                    "200": {"description": "Success"},
-                    "default": {
-                        "description": "Error",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                    },
-                },
-            }
+            spec = operation(rule.endpoint, method.lower(), summary, sorted(rule.arguments))
+            if not rule.rule.startswith("/v1/"):
+                spec["security"] = []
+            paths.setdefault(path, {})[method.lower()] = spec
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpt2-jobs", "version": "1", "description": "Train, fine-tune and bulk-generate with GPT-2."},

@@ -1,24 +1,14 @@
-"""jobs.queue against real brokers: Redis at 127.0.0.1:6379 (a database of our own) and the filesystem transport.
-
-Each test session claims a Redis database 1..15 nobody else holds (a key set with NX in that database) and
-deletes only its own keys there, so concurrent runs never share state.
-"""
+"""jobs.queue against real brokers: Redis at 127.0.0.1:6379 (a database of the session's own, see conftest) and
+the filesystem transport."""
 from __future__ import annotations
 
 import base64
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import redis
 
 from jobs.queue import (
     DEFAULT_QUEUE,
@@ -35,67 +25,10 @@ from jobs.queue import (
 )
 from jobs.settings import Settings
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-CLAIM_KEY = "gpt2jobs-tests:claim"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _redis_or_skip() -> None:
-    try:
-        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.skip(f"Redis not running at {REDIS_HOST}:{REDIS_PORT}: {exc}")
-
-
-@pytest.fixture(scope="session")
-def redis_db():
-    """A Redis database number claimed for this session; its keys (ours only) are deleted afterwards."""
-    _redis_or_skip()
-    token = uuid.uuid4().hex
-    dbs = list(range(1, 16))
-    random.shuffle(dbs)
-    for db in dbs:
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-        if client.set(CLAIM_KEY, token, nx=True, ex=1800):
-            break
-    else:
-        pytest.skip("no free Redis database 1..15 to claim")
-    try:
-        yield db
-    finally:
-        _clear(client)
-        if client.get(CLAIM_KEY) == token.encode():
-            client.delete(CLAIM_KEY)
-
-
-def _clear(client: redis.Redis) -> None:
-    keys = [k for k in client.scan_iter(count=1000) if k != CLAIM_KEY.encode()]
-    if keys:
-        client.delete(*keys)
-
-
 @pytest.fixture
-def redis_client(redis_db):
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
-    _clear(client)
-    yield client
-    _clear(client)
-
-
-@pytest.fixture
-def redis_settings(redis_db, tmp_path) -> Settings:
-    return Settings.from_env({"BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+def redis_settings(redis_url, tmp_path) -> Settings:
+    return Settings.from_env({"BROKER_URL": redis_url,
                               "GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
-
-
-def _envelope(raw: bytes) -> tuple[dict, list]:
-    """kombu's Redis message envelope -> (headers, args)."""
-    message = json.loads(raw)
-    body = message["body"]
-    if message["properties"].get("body_encoding") == "base64":
-        body = base64.b64decode(body)
-    args, _kwargs, _embed = json.loads(body)
-    return message["headers"], args
 
 
 # --- routing and configuration ---------------------------------------------------------------------------
@@ -159,14 +92,13 @@ def test_filesystem_transport_options(tmp_path):
 # --- enqueue ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("job_type", sorted(TASK_NAMES))
-def test_enqueue_to_redis_puts_name_and_id_on_the_queue_list(redis_settings, redis_client, job_type):
+def test_enqueue_to_redis_puts_name_and_id_on_the_queue_list(redis_settings, redis_client, queued_messages,
+                                                            job_type):
     app = make_celery(redis_settings)
     job_id = f"job-{uuid.uuid4()}"
     enqueue(app, job_type, job_id)
     queue = JOB_QUEUES[job_type]
-    raw = redis_client.lrange(queue, 0, -1)
-    assert len(raw) == 1
-    headers, args = _envelope(raw[0])
+    [(headers, args)] = queued_messages(queue)
     assert headers["task"] == TASK_NAMES[job_type]
     assert args == [job_id]
     other = next(q for q in QUEUES if q != queue)
@@ -209,92 +141,36 @@ def test_unknown_job_type_is_not_enqueued(redis_settings, redis_client):
 
 # --- a real worker consumes -------------------------------------------------------------------------------
 
-class _Output:
-    """Collects a subprocess's merged output on a thread; wait_for(text) polls it."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, proc):
-        for line in proc.stdout:
-            with self._lock:
-                self.lines.append(line)
-
-    def text(self) -> str:
-        with self._lock:
-            return "".join(self.lines)
-
-    def wait_for(self, needle: str, timeout: float, proc: subprocess.Popen) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.text():
-                return True
-            if proc.poll() is not None:
-                time.sleep(0.2)
-                return needle in self.text()
-            time.sleep(0.1)
-        return False
-
-
-def _start_worker(env_overrides: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen, _Output]:
-    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "DATABASE_URL", "ARTIFACT_DIR")}
-    env.update({"GPT2JOBS_VAR_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1",
-                "GPT2CORE_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""})
-    env.update(env_overrides)
-    cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool", "solo",
-           "-Q", ",".join(QUEUES), "--loglevel", "INFO", "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
-           "--without-mingle", "--without-gossip", "--without-heartbeat"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    return proc, _Output(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # warm shutdown
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.mark.parametrize("broker", ["redis", "filesystem"])
-def test_real_worker_consumes_enqueued_jobs(broker, request, tmp_path):
+def test_real_worker_consumes_enqueued_jobs(broker, request, tmp_path, launch):
     if broker == "redis":
-        db = request.getfixturevalue("redis_db")
         client = request.getfixturevalue("redis_client")
-        overrides = {"BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"}
+        overrides = {"BROKER_URL": request.getfixturevalue("redis_url")}
     else:
         client = None
         overrides = {}
-    settings = Settings.from_env({**overrides, "GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
-    app = make_celery(settings)
+    overrides["GPT2JOBS_VAR_DIR"] = str(tmp_path / "var")
+    app = make_celery(Settings.from_env(overrides))
     jobs = {"train": f"t-{uuid.uuid4().hex}", "generate": f"g-{uuid.uuid4().hex}",
             "finetune": f"f-{uuid.uuid4().hex}"}
     for job_type, job_id in jobs.items():  # enqueued before the worker exists: they wait on the broker
         enqueue(app, job_type, job_id)
 
-    proc, out = _start_worker(overrides, tmp_path)
-    try:
-        assert out.wait_for("ready", 60, proc), out.text()
-        for job_type, job_id in jobs.items():
-            assert out.wait_for(f"received job {job_id}", 30, proc), out.text()
-        late = f"late-{uuid.uuid4().hex}"  # and one sent while it runs
-        enqueue(app, "generate", late)
-        assert out.wait_for(f"received job {late}", 30, proc), out.text()
-        assert "consuming queues: generate, train" in out.text()
-        if client is not None:
-            deadline = time.monotonic() + 10
-            while any(client.llen(q) for q in QUEUES) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert all(client.llen(q) == 0 for q in QUEUES)
-        else:
-            folder = Path(app.conf.broker_transport_options["data_folder_in"])
-            assert list(folder.iterdir()) == []
-    finally:
-        _stop(proc)
-    assert proc.returncode is not None
+    worker = launch(["celery", "-A", "workers", "worker", "--pool", "solo", "-Q", ",".join(QUEUES),
+                     "--loglevel", "INFO", "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
+                     "--without-mingle", "--without-gossip", "--without-heartbeat"], overrides, "worker")
+    assert worker.wait_for("ready", 60), worker.output()
+    for job_type, job_id in jobs.items():
+        assert worker.wait_for(f"received job {job_id}", 30), worker.output()
+    late = f"late-{uuid.uuid4().hex}"  # and one sent while it runs
+    enqueue(app, "generate", late)
+    assert worker.wait_for(f"received job {late}", 30), worker.output()
+    assert "consuming queues: generate, train" in worker.output()
+    if client is not None:
+        deadline = time.monotonic() + 10
+        while any(client.llen(q) for q in QUEUES) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(client.llen(q) == 0 for q in QUEUES)
+    else:
+        folder = Path(app.conf.broker_transport_options["data_folder_in"])
+        assert list(folder.iterdir()) == []

@@ -1,0 +1,114 @@
+"""The platform as processes: the commands docker-compose.yml gives its services (migrate, api, worker), run
+against PostgreSQL and Redis or the embedded default (SQLite and the filesystem broker)."""
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import REPO_ROOT, ServiceProcess, service_env, venv_command
+
+HEALTHZ_TIMEOUT = 60
+
+
+def compose_command(service: str) -> list[str]:
+    command = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][service]["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def replace_option(argv: list[str], name: str, value: str) -> list[str]:
+    position = argv.index(name)
+    return [*argv[: position + 1], value, *argv[position + 2:]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Api(requests.Session):
+    """An HTTP client for one running API: relative paths, an API key, JSON errors raised with their body."""
+
+    def __init__(self, base_url: str, key: str | None = None):
+        super().__init__()
+        self.base_url = base_url
+        if key is not None:
+            self.headers["Authorization"] = f"Bearer {key}"
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 30)
+        return super().request(method, self.base_url + url, *args, **kwargs)
+
+
+class Stack:
+    """One platform deployment under test: its settings, and the services started for it."""
+
+    def __init__(self, launch: Callable[..., ServiceProcess], environment: dict[str, str]):
+        self.launch = launch
+        self.environment = environment
+        self.api_url: str | None = None
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        """A one-shot command in the stack's environment; its output is in the assertion message if it fails."""
+        done = subprocess.run(venv_command(argv), cwd=REPO_ROOT, env=service_env(self.environment),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def migrate(self) -> None:
+        self.run(compose_command("migrate"))
+
+    def create_key(self, owner: str) -> str:
+        """`flask --app api keys create --owner NAME`: the key is the last line it prints."""
+        return self.run(["flask", "--app", "api", "keys", "create", "--owner", owner]).stdout.strip().splitlines()[-1]
+
+    def start_api(self) -> ServiceProcess:
+        port = free_port()
+        argv = replace_option(compose_command("api"), "--bind", f"127.0.0.1:{port}")
+        api = self.launch(argv, self.environment, "api")
+        self.api_url = f"http://127.0.0.1:{port}"
+        assert api.wait_for("Booting worker", HEALTHZ_TIMEOUT), api.output()
+        probe = Api(self.api_url)
+        for _ in range(HEALTHZ_TIMEOUT * 10):
+            try:
+                if probe.get("/healthz", timeout=2).status_code == 200:
+                    return api
+            except requests.ConnectionError:
+                pass
+            assert api.proc.poll() is None, api.output()
+            api.wait_for("\0", 0.1)
+        raise AssertionError(f"the API never answered /healthz:\n{api.output()}")
+
+    def client(self, owner: str) -> Api:
+        assert self.api_url is not None, "start_api() first"
+        return Api(self.api_url, self.create_key(owner))
+
+
+@pytest.fixture
+def redis_stack(launch, fresh_database_url, redis_url, tmp_path) -> Iterator[Stack]:
+    """Production-shaped: PostgreSQL (a fresh database), Redis (the session's database), artifacts on disk."""
+    yield Stack(launch, {"DATABASE_URL": fresh_database_url("postgresql"), "BROKER_URL": redis_url,
+                         "ARTIFACT_DIR": str(tmp_path / "artifacts"), "GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
+
+
+@pytest.fixture
+def embedded_stack(launch, tmp_path) -> Iterator[Stack]:
+    """The embedded default: nothing set but the var folder (SQLite and the filesystem broker inside it)."""
+    yield Stack(launch, {"GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
+
+
+def corpus_file(tmp_path: Path, size: int = 20_000) -> Path:
+    """A training text: the start of the English text that ships with Python."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(topics.values())[:size])
+    return path
