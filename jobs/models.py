@@ -35,6 +35,7 @@ JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
 MODEL_SOURCES = ("job", "import")
+SHARD_STATUSES = ("pending", "running", "done")
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -213,3 +214,20 @@ class GenerationResult(Base):
     usage: Mapped[dict[str, Any]]
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GenerationShard(Base):
+    """A slice [start, stop) of a generate job's input, claimed by one worker at a time under a lease."""
+
+    __tablename__ = "generation_shards"
+    __table_args__ = (CheckConstraint(_in("status", SHARD_STATUSES), name="status"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    start: Mapped[int]
+    stop: Mapped[int]  # exclusive
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

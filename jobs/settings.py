@@ -15,6 +15,9 @@ class Settings:
     artifact_dir: Path
     max_upload_bytes: int
     max_inline_prompts: int
+    job_lease_seconds: int
+    generation_shard_size: int
+    model_cache_size: int
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -27,6 +30,13 @@ class Settings:
             artifact_dir=Path(env.get("ARTIFACT_DIR", var / "artifacts")).resolve(),
             max_upload_bytes=int(env.get("MAX_UPLOAD_BYTES", 1 << 30)),
             max_inline_prompts=int(env.get("MAX_INLINE_PROMPTS", 1000)),
+            # A worker renews its claim on a job every third of this; a job whose claim lapses (its worker died)
+            # is handed to another worker, which resumes it.
+            job_lease_seconds=int(env.get("JOB_LEASE_SECONDS", 60)),
+            # Prompts per unit of bulk-generation work: any worker takes any shard, so more workers finish sooner.
+            generation_shard_size=int(env.get("GENERATION_SHARD_SIZE", 128)),
+            # Models each worker process keeps loaded between generation shards and jobs.
+            model_cache_size=int(env.get("MODEL_CACHE_SIZE", 2)),
         )
 
     @property

@@ -4,12 +4,15 @@ import io
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from jobs.db import make_engine
 from jobs.models import Base
 
-TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results"}
+TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
+          "generation_shards"}
+REVISIONS = ["0001", "0002"]  # base to head, one line of history
 
 
 def test_upgrade_head_creates_every_table(engine):
@@ -47,3 +50,33 @@ def test_offline_sql_script_needs_no_database(url, migrations_config):
     script = config.output_buffer.getvalue()
     assert all(f"CREATE TABLE {table} " in script for table in TABLES)
     assert "fk_models_job_id_jobs" in script
+
+
+def test_revisions_form_one_line_ending_at_the_head(migrations_config):
+    script = ScriptDirectory.from_config(migrations_config("sqlite:///unused.db"))
+    assert script.get_heads() == [REVISIONS[-1]]
+    assert [r.revision for r in script.walk_revisions()][::-1] == REVISIONS
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0002_adds_generation_shards_and_downgrades_to_0001(backend, fresh_database_url, migrations_config):
+    config = migrations_config(fresh_database_url(backend))
+    url = config.attributes["database_url"]
+    command.upgrade(config, "0001")
+    assert "generation_shards" not in inspect_tables(url)
+    command.upgrade(config, "0002")
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        assert "generation_shards" in inspector.get_table_names()
+        assert inspector.get_pk_constraint("generation_shards")["constrained_columns"] == ["job_id", "index"]
+        (fk,) = inspector.get_foreign_keys("generation_shards")
+        assert (fk["referred_table"], fk["constrained_columns"], fk["options"].get("ondelete")) == (
+            "jobs", ["job_id"], "CASCADE")
+    finally:
+        engine.dispose()
+    command.downgrade(config, "0001")
+    assert set(inspect_tables(url)) >= TABLES - {"generation_shards"}
+    assert "generation_shards" not in inspect_tables(url)
+    command.upgrade(config, "head")
+    command.check(config)
