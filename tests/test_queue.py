@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -137,40 +136,3 @@ def test_unknown_job_type_is_not_enqueued(redis_settings, redis_client):
     with pytest.raises(ValueError):
         enqueue(make_celery(redis_settings), "distill", "job-x")
     assert all(redis_client.llen(q) == 0 for q in QUEUES)
-
-
-# --- a real worker consumes -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("broker", ["redis", "filesystem"])
-def test_real_worker_consumes_enqueued_jobs(broker, request, tmp_path, launch):
-    if broker == "redis":
-        client = request.getfixturevalue("redis_client")
-        overrides = {"BROKER_URL": request.getfixturevalue("redis_url")}
-    else:
-        client = None
-        overrides = {}
-    overrides["GPT2JOBS_VAR_DIR"] = str(tmp_path / "var")
-    app = make_celery(Settings.from_env(overrides))
-    jobs = {"train": f"t-{uuid.uuid4().hex}", "generate": f"g-{uuid.uuid4().hex}",
-            "finetune": f"f-{uuid.uuid4().hex}"}
-    for job_type, job_id in jobs.items():  # enqueued before the worker exists: they wait on the broker
-        enqueue(app, job_type, job_id)
-
-    worker = launch(["celery", "-A", "workers", "worker", "--pool", "solo", "-Q", ",".join(QUEUES),
-                     "--loglevel", "INFO", "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
-                     "--without-mingle", "--without-gossip", "--without-heartbeat"], overrides, "worker")
-    assert worker.wait_for("ready", 60), worker.output()
-    for job_type, job_id in jobs.items():
-        assert worker.wait_for(f"received job {job_id}", 30), worker.output()
-    late = f"late-{uuid.uuid4().hex}"  # and one sent while it runs
-    enqueue(app, "generate", late)
-    assert worker.wait_for(f"received job {late}", 30), worker.output()
-    assert "consuming queues: generate, train" in worker.output()
-    if client is not None:
-        deadline = time.monotonic() + 10
-        while any(client.llen(q) for q in QUEUES) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(client.llen(q) == 0 for q in QUEUES)
-    else:
-        folder = Path(app.conf.broker_transport_options["data_folder_in"])
-        assert list(folder.iterdir()) == []

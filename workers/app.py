@@ -58,3 +58,7 @@ def _log_start(sender=None, **_kwargs) -> None:
         device += f"; GPT2CORE_DEVICE={forced} overrides it for jobs"
     log.info("worker ready: device %s; consuming queues: %s; broker %s",
              device, queues, sender.app.connection_for_read().as_uri())
+    from workers.runtime import runtime
+    from workers.sweeper import start_sweeper
+
+    start_sweeper(runtime())

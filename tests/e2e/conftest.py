@@ -16,6 +16,9 @@ import yaml
 from tests.conftest import REPO_ROOT, ServiceProcess, service_env, venv_command
 
 HEALTHZ_TIMEOUT = 60
+WORKER_READY_TIMEOUT = 120
+#: Short leases, so a killed worker's job is taken over within seconds.
+LEASE_SECONDS = "4"
 
 
 def compose_command(service: str) -> list[str]:
@@ -87,6 +90,15 @@ class Stack:
             api.wait_for("\0", 0.1)
         raise AssertionError(f"the API never answered /healthz:\n{api.output()}")
 
+    def start_worker(self, name: str, queues: str | None = None) -> ServiceProcess:
+        """docker-compose's worker command, with a node name of its own (and other queues, if given)."""
+        argv = [*compose_command("worker"), "--hostname", f"{name}@%h"]
+        if queues is not None:
+            argv = replace_option(argv, "--queues", queues)
+        worker = self.launch(argv, self.environment, name)
+        assert worker.wait_for("worker ready", WORKER_READY_TIMEOUT), worker.output()
+        return worker
+
     def client(self, owner: str) -> Api:
         assert self.api_url is not None, "start_api() first"
         return Api(self.api_url, self.create_key(owner))
@@ -96,13 +108,14 @@ class Stack:
 def redis_stack(launch, fresh_database_url, redis_url, tmp_path) -> Iterator[Stack]:
     """Production-shaped: PostgreSQL (a fresh database), Redis (the session's database), artifacts on disk."""
     yield Stack(launch, {"DATABASE_URL": fresh_database_url("postgresql"), "BROKER_URL": redis_url,
-                         "ARTIFACT_DIR": str(tmp_path / "artifacts"), "GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
+                         "ARTIFACT_DIR": str(tmp_path / "artifacts"), "GPT2JOBS_VAR_DIR": str(tmp_path / "var"),
+                         "JOB_LEASE_SECONDS": LEASE_SECONDS})
 
 
 @pytest.fixture
 def embedded_stack(launch, tmp_path) -> Iterator[Stack]:
     """The embedded default: nothing set but the var folder (SQLite and the filesystem broker inside it)."""
-    yield Stack(launch, {"GPT2JOBS_VAR_DIR": str(tmp_path / "var")})
+    yield Stack(launch, {"GPT2JOBS_VAR_DIR": str(tmp_path / "var"), "JOB_LEASE_SECONDS": LEASE_SECONDS})
 
 
 def corpus_file(tmp_path: Path, size: int = 20_000) -> Path:

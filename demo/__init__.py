@@ -1,0 +1,1 @@
+"""The platform demonstration: `python -m demo` (see __main__.py)."""
