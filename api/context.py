@@ -43,10 +43,35 @@ def require_api_key() -> None:
     g.owner = found
 
 
+def storable(text: str) -> bool:
+    """Whether the database can hold (or compare against) `text`: PostgreSQL refuses NUL characters in text
+    and JSON, and lone surrogates cannot be encoded as UTF-8 at all."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def reject_unstorable_text() -> None:
+    """Before every /v1 request, after authentication: path ids and query values the database cannot take are
+    a 400 naming them, not a database error."""
+    for name, value in [*(request.view_args or {}).items(), *request.args.items(multi=True)]:
+        if isinstance(value, str) and not storable(value):
+            raise ApiError(400, "invalid_request", f"{name} must not contain NUL characters or unpaired surrogates",
+                           name)
+
+
 def v1_blueprint(name: str) -> Blueprint:
     blueprint = Blueprint(name, __name__, url_prefix="/v1")
     blueprint.before_request(require_api_key)
+    blueprint.before_request(reject_unstorable_text)
     return blueprint
+
+
+MAX_INT_CURSOR = 2**31 - 1  # integer ids and indexes are 32-bit INTEGER columns
 
 
 def paging(cursor_type: type = str) -> dict[str, Any]:
@@ -64,6 +89,8 @@ def paging(cursor_type: type = str) -> dict[str, Any]:
             after = int(after)
         except ValueError:
             raise ApiError(400, "invalid_request", f"after must be an integer id, got {after!r}", "after")
+        if not 0 <= after <= MAX_INT_CURSOR:
+            raise ApiError(400, "invalid_request", f"after must be from 0 to {MAX_INT_CURSOR}, got {after}", "after")
     return {"after": after, "limit": limit}
 
 

@@ -1,12 +1,15 @@
 """Every error is JSON: {"error": {"code", "message", "param"}} with a stable code."""
 from __future__ import annotations
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
+from sqlalchemy.exc import DataError, OperationalError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from jobs.errors import Conflict, DomainError, NotFound, TooLarge
+from jobs.models import JOB_TYPES
+
+from .schemas import MODEL_TAGS
 
 DOMAIN_STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413))
 
@@ -23,7 +26,12 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 
 def validation_param(error: dict) -> str:
     """The dotted path of the field a pydantic error is about (discriminated-union tags dropped)."""
-    parts = [str(p) for p in error["loc"] if p not in ("train", "finetune", "generate")]
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return "type"  # the job-type discriminator itself is wrong
+    loc = list(error["loc"])
+    if loc and loc[0] in JOB_TYPES:  # the job type's tag, always first
+        loc = loc[1:]
+    parts = [str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "model" and p in MODEL_TAGS)]
     return ".".join(parts) if parts else "body"
 
 
@@ -47,6 +55,18 @@ def register_error_handlers(app: Flask) -> None:
     def database_unavailable(exc: OperationalError):
         app.logger.warning("database unavailable: %s", exc)
         return error_response(503, "database_unavailable", "The database cannot be reached; try again shortly.")
+
+    @app.errorhandler(DataError)
+    def unstorable_value(exc: DataError):
+        # A last line of defence: the database refused a value from the request (one the checks before it let
+        # through). The transaction was rolled back, so nothing was stored; it is the caller's input, not a 500.
+        app.logger.warning("database refused a value: %s", exc)
+        return error_response(400, "invalid_request", "A value in the request cannot be stored.")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge):
+        param = "file" if request.mimetype == "multipart/form-data" else "body"
+        return error_response(413, "too_large", "The request body is too large.", param)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

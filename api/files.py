@@ -6,13 +6,24 @@ from flask import request, send_file
 from jobs import repository
 from jobs.models import File, new_id
 
-from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, storable, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 from .schemas import FILE_PURPOSES
 from .uploads import check_generation_file, check_training_file
 
 files = v1_blueprint("files")
 CHECKS = {"train": check_training_file, "generate": check_generation_file}
+MAX_FILENAME = 255  # files.filename is VARCHAR(255)
+# Room for the multipart framing around the file, so the size limit applies to the file itself (checked exactly
+# while it is stored) rather than to the whole request body.
+MULTIPART_OVERHEAD = 1 << 20
+
+
+def check_filename(filename: str) -> None:
+    if len(filename) > MAX_FILENAME:
+        raise ApiError(400, "invalid_request", f"the file name must be at most {MAX_FILENAME} characters", "file")
+    if not storable(filename) or any(ord(c) < 32 or ord(c) == 127 for c in filename):
+        raise ApiError(400, "invalid_request", "the file name must not contain control characters", "file")
 
 
 def file_object(file: File) -> dict:
@@ -33,12 +44,14 @@ def upload_file():
     """Upload a file (multipart: `file`, `purpose` train or generate); checked line by line before it is stored."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Upload files as multipart/form-data with fields file and purpose.")
+    request.max_content_length = platform().settings.max_upload_bytes + MULTIPART_OVERHEAD
     purpose = request.form.get("purpose")
     if purpose not in FILE_PURPOSES:
         raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ApiError(400, "invalid_request", "the multipart field 'file' is required", "file")
+    check_filename(upload.filename)
     store = platform().artifacts
     file_id = new_id("file")
     blob = store.write_stream(store.file_path(file_id), upload.stream, platform().settings.max_upload_bytes)
@@ -56,8 +69,11 @@ def upload_file():
 @files.get("/files")
 def list_files():
     """List your files, newest first (`purpose`, `after`, `limit`)."""
+    purpose = request.args.get("purpose")
+    if purpose is not None and purpose not in FILE_PURPOSES:
+        raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")
     with unit_of_work() as session:
-        items, has_more = repository.list_files(session, owner(), purpose=request.args.get("purpose"), **paging())
+        items, has_more = repository.list_files(session, owner(), purpose=purpose, **paging())
         return page(items, has_more, file_object)
 
 

@@ -10,11 +10,12 @@ from pydantic import TypeAdapter
 from werkzeug.exceptions import BadRequest
 
 from jobs import repository
-from jobs.errors import BrokerUnavailable
+from jobs.db import session_scope
+from jobs.errors import BrokerUnavailable, Conflict
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
 from jobs.queue import enqueue
 
-from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, storable, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 from .schemas import FinetuneJobRequest, GenerateJobRequest, JobRequest, TrainJobRequest
 
@@ -83,9 +84,33 @@ def json_body() -> Any:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the job as JSON (Content-Type: application/json).")
     try:
-        return request.get_json()
-    except BadRequest:
+        body = request.get_json()
+    except (BadRequest, RecursionError):  # RecursionError: nested too deeply for the JSON parser
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.", "body") from None
+    check_text(body)
+    return body
+
+
+def check_text(body: Any) -> None:
+    """422 naming the first string (key or value) the database could not store (NUL, unpaired surrogate)."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not storable(key):
+                    raise unstorable(path + (key,))
+                stack.append((item, path + (key,)))
+        elif isinstance(value, list):
+            stack.extend((item, path + (str(i),)) for i, item in enumerate(value))
+        elif isinstance(value, str) and not storable(value):
+            raise unstorable(path)
+
+
+def unstorable(path: tuple[str, ...]) -> ApiError:
+    param = ".".join(part if storable(part) else ascii(part) for part in path) or "body"
+    return ApiError(422, "invalid_request", f"{param}: text must not contain NUL characters or unpaired "
+                    "surrogates", param)
 
 
 @jobs.post("/jobs")
@@ -93,7 +118,7 @@ def submit_job():
     """Submit a train, finetune or generate job; 202 with the queued job. `Idempotency-Key` makes retries safe."""
     body = json_body()
     if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "The body must be a JSON object.", "body")
+        raise ApiError(422, "invalid_request", "body: the job must be a JSON object", "body")
     if "type" not in body:
         raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
     spec = JOB_REQUEST.validate_python(body)
@@ -101,12 +126,18 @@ def submit_job():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters.", "Idempotency-Key")
-    with unit_of_work() as session:
-        job, created = repository.create_job(
-            session, owner(), spec.type, params, **refs, metadata=spec.metadata, idempotency_key=key,
-            request_hash=repository.hash_request(body) if key is not None else None,
-        )
-        shown = job_object(job)
+    try:
+        with unit_of_work() as session:
+            job, created = repository.create_job(
+                session, owner(), spec.type, params, **refs, metadata=spec.metadata, idempotency_key=key,
+                request_hash=repository.hash_request(body) if key is not None else None,
+            )
+            shown = job_object(job)
+    except Conflict as exc:
+        if exc.param != "idempotency_key":
+            raise
+        # The key was used with another body: name the header, as the 400 for a malformed key does.
+        raise ApiError(409, exc.code, exc.message, "Idempotency-Key") from None
     if created:
         try:
             enqueue(platform().celery, job.type, job.id)
@@ -193,14 +224,15 @@ def list_results(job_id: str):
 @jobs.get("/jobs/<job_id>/results.jsonl")
 def stream_results(job_id: str):
     """Every generation result as JSON lines, in input order, streamed."""
-    caller = owner()
+    caller, sessions = owner(), platform().sessions
     with unit_of_work() as session:
         generation_job(session, job_id)
 
     def lines() -> Iterator[str]:
+        # Runs after the view has returned, outside the app context: only what was captured above.
         after = None
         while True:
-            with unit_of_work() as session:
+            with session_scope(sessions) as session:
                 items, has_more = repository.list_generation_results(session, caller, job_id, after=after,
                                                                      limit=RESULTS_PAGE)
                 chunk = [result_object(r) for r in items]

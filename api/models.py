@@ -306,7 +306,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise invalid_model(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         return json.loads(file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, 4300+ digit integers, deep nesting
         raise invalid_model(f"config.json is not valid JSON: {exc}") from None
 
 
@@ -322,7 +322,7 @@ def safetensors_header(file: Path) -> dict[str, Any]:
         raw = stream.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, 4300+ digit integers, deep nesting
         raise invalid_model("model.safetensors has a header that is not valid JSON") from None
     if not isinstance(header, dict):
         raise invalid_model("model.safetensors has a header that is not a JSON object")

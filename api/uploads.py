@@ -88,8 +88,8 @@ def check_generation_file(stream: BinaryIO, filename: str) -> int:
                 Sampling.model_validate(record["sampling"])
             except ValidationError as exc:
                 first = exc.errors(include_url=False)[0]
-                field = ".".join(str(p) for p in first["loc"]) or "sampling"
-                raise invalid_file(f"{filename}: line {number}: sampling.{field}: {first['msg']}") from None
+                field = ".".join(["sampling", *(str(p) for p in first["loc"])])
+                raise invalid_file(f"{filename}: line {number}: {field}: {first['msg']}") from None
     if not seen:
         raise invalid_file(f"{filename}: the file holds no prompts")
     return len(seen)
@@ -100,6 +100,8 @@ def parse_json_line(line: str, number: int, filename: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise invalid_file(f"{filename}: line {number} is not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting too deep to parse
+        raise invalid_file(f"{filename}: line {number} is not valid JSON (too large or too deeply nested)") from None
     if not isinstance(record, dict):
         raise invalid_file(f"{filename}: line {number} is not a JSON object")
     return record
