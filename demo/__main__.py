@@ -10,122 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pydoc_data.topics
-import requests
 
 from jobs.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+from .local import Client, LocalPlatform
 PROMPTS = ["The for statement", "Exceptions are", "A class definition", "The import statement", "Lists are"]
 FINETUNE_TOPICS = ("for", "while", "if", "try", "with", "import", "return", "break", "continue", "raise")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def command(name: str) -> str:
-    script = Path(sys.executable).parent / name
-    return str(script) if script.exists() else name
-
-
-class Platform:
-    """The API and one worker as child processes, stopped (warm shutdown) on exit."""
-
-    def __init__(self, var: Path):
-        self.var = var
-        self.env = {**os.environ, "GPT2JOBS_VAR_DIR": str(var), "PYTHONUNBUFFERED": "1"}
-        self.logs = var / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen] = []
-        self.url = f"http://127.0.0.1:{free_port()}"
-
-    def run(self, *argv: str) -> str:
-        done = subprocess.run([command(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
-        return done.stdout
-
-    def start(self, name: str, *argv: str) -> None:
-        log = (self.logs / f"{name}.log").open("w")
-        self.processes.append(subprocess.Popen([command(argv[0]), *argv[1:]], cwd=ROOT, env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-
-    def __enter__(self) -> "Platform":
-        self.run("alembic", "upgrade", "head")
-        self.start("api", "gunicorn", "--bind", self.url.removeprefix("http://"), "--workers", "2", "api:create_app()")
-        self.start("worker", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--queues", "train,generate",
-                   "--concurrency", "1")
-        for _ in range(300):
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            if any(p.poll() is not None for p in self.processes):
-                break
-            time.sleep(0.2)
-        self.__exit__()
-        sys.exit(f"the platform did not start; see {self.logs}")
-
-    def __exit__(self, *exc_info) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-class Client(requests.Session):
-    def __init__(self, url: str, key: str):
-        super().__init__()
-        self.url = url
-        self.headers["Authorization"] = f"Bearer {key}"
-
-    def call(self, method: str, path: str, **kwargs) -> dict:
-        response = self.request(method, self.url + path, timeout=60, **kwargs)
-        if response.status_code >= 400:
-            sys.exit(f"{method} {path} -> {response.status_code}: {response.text}")
-        return response.json()
-
-    def upload(self, path: Path, purpose: str) -> dict:
-        with path.open("rb") as handle:
-            return self.call("POST", "/v1/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
-
-    def wait(self, job: dict) -> dict:
-        """Poll the job until it ends, printing its progress and new events."""
-        seen_event = None
-        while True:
-            job = self.call("GET", f"/v1/jobs/{job['id']}")
-            events = self.call("GET", f"/v1/jobs/{job['id']}/events",
-                               params={"limit": 100, **({"after": seen_event} if seen_event else {})})
-            for event in events["data"]:
-                seen_event = event["id"]
-                if event["type"] == "message" or "val_loss" in (event["data"] or {}):
-                    print(f"  [{job['type']}] {event['message']}", flush=True)
-            progress = job["progress"]
-            if job["type"] != "generate" and progress.get("step"):
-                print(f"  [{job['type']}] step {progress['step']}/{progress['total_steps']}  loss {progress['loss']}"
-                      f"  {progress['tokens_per_second'] or 0:,.0f} tok/s  eta {progress['eta_seconds']} s",
-                      flush=True)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] != "succeeded":
-                    sys.exit(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
-                return job
-            time.sleep(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                                       if t in pydoc_data.topics.topics), encoding="utf-8")
 
     started = time.monotonic()
-    with Platform(var) as platform:
+    with LocalPlatform(var) as platform:
         key = platform.run("flask", "--app", "api", "keys", "create", "--owner", "demo").strip().splitlines()[-1]
         api = Client(platform.url, key)
         print(f"platform up at {platform.url} (SQLite and the filesystem broker under {var}); API key {key[:10]}...")
