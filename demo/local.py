@@ -70,14 +70,18 @@ class LocalPlatform:
         sys.exit(f"the platform did not start; see {self.logs}")
 
     def __exit__(self, *exc_info) -> None:
-        for process in self.processes:
+        for process in self.processes:  # the main processes only: a warm shutdown lets a task finish cleanly
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                process.send_signal(signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # anything left of its process group
+            except ProcessLookupError:
+                pass
 
 
 class Client(requests.Session):
@@ -101,12 +105,13 @@ class Client(requests.Session):
         seen_event, seen_step = None, None
         while True:
             job = self.call("GET", f"/v1/jobs/{job['id']}")
-            events = self.call("GET", f"/v1/jobs/{job['id']}/events",
-                               params={"limit": 100, **({"after": seen_event} if seen_event else {})})
-            for event in events["data"]:
-                seen_event = event["id"]
-                if not quiet and (event["type"] == "message" or "val_loss" in (event["data"] or {})):
-                    print(f"  [{job['type']}] {event['message']}", flush=True)
+            if not quiet:
+                events = self.call("GET", f"/v1/jobs/{job['id']}/events",
+                                   params={"limit": 100, **({"after": seen_event} if seen_event else {})})
+                for event in events["data"]:
+                    seen_event = event["id"]
+                    if event["type"] == "message" or "val_loss" in (event["data"] or {}):
+                        print(f"  [{job['type']}] {event['message']}", flush=True)
             progress = job["progress"]
             if not quiet and job["type"] != "generate" and progress.get("step") not in (None, 0, seen_step):
                 seen_step = progress["step"]

@@ -107,6 +107,8 @@ def filesystem_transport_options(broker_folder: Path) -> dict[str, object]:
         "store_processed": True,
         "processed_folder": str(processed),
         "control_folder": str(control),
+        # Look for new messages ten times a second (kombu's default is once): a job starts without a visible lag.
+        "polling_interval": 0.1,
     }
 
 
@@ -131,6 +133,8 @@ def celery_config(settings: Settings, environ: Mapping[str, str] | None = None) 
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Pool processes load the tokenizer and connect before their first task (workers.app); allow for it.
+        "worker_proc_alive_timeout": 60,
         # A task whose ack can no longer be sent (the broker connection dropped) will be redelivered anyway;
         # stop it rather than run it twice at once (Celery 6's default; also silences its warning).
         "worker_cancel_long_running_tasks_on_connection_loss": True,

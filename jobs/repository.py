@@ -187,12 +187,13 @@ def delete_file(session: Session, owner: str, file_id: str) -> File:
 # Jobs
 
 
-def _check_file_reference(session: Session, owner: str, file_id: str, purpose: str, param: str) -> None:
+def _check_file_reference(session: Session, owner: str, file_id: str, purpose: str, param: str) -> File:
     file = session.scalars(select(File).where(File.id == file_id, File.owner == owner)).one_or_none()
     if file is None:
         raise InvalidInput(f"No file with id {file_id!r}", param=param)
     if file.purpose != purpose:
         raise InvalidInput(f"File {file_id!r} has purpose {file.purpose!r}; {param} needs {purpose!r}", param=param)
+    return file
 
 
 def _find_idempotent(session: Session, owner: str, idempotency_key: str, request_hash: str) -> Job | None:
@@ -237,13 +238,16 @@ def create_job(
         raise InvalidInput(f"A {type} job needs a training file", param="training_file")
     if type == "finetune" and base_model_id is None:
         raise InvalidInput("A finetune job needs a base model", param="model")
+    progress = None
     for file_id, purpose, param in (
         (training_file_id, "train", "training_file"),
         (validation_file_id, "train", "validation_file"),
         (input_file_id, "generate", "input_file"),
     ):
         if file_id is not None:
-            _check_file_reference(session, owner, file_id, purpose, param)
+            file = _check_file_reference(session, owner, file_id, purpose, param)
+            if param == "input_file":
+                progress = {"total": file.records, "completed": 0, "failed": 0}
     if base_model_id is not None and session.scalars(
         select(Model.id).where(Model.id == base_model_id, Model.owner == owner)
     ).one_or_none() is None:
@@ -260,6 +264,7 @@ def create_job(
         input_file_id=input_file_id,
         base_model_id=base_model_id,
         metadata_=metadata or {},
+        progress=progress,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )

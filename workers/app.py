@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 
 from jobs.queue import make_celery
 from jobs.settings import Settings
@@ -62,3 +62,13 @@ def _log_start(sender=None, **_kwargs) -> None:
     from workers.sweeper import start_sweeper
 
     start_sweeper(runtime())
+
+
+@worker_process_init.connect
+def _warm_up(**_kwargs) -> None:
+    """Each pool process connects and loads the tokenizer before its first task, not during it."""
+    from workers.generation import tokenizer
+    from workers.runtime import runtime
+
+    runtime()
+    tokenizer()

@@ -94,7 +94,7 @@ def test_generate_job_with_an_input_file(helper, auth, refs):
     job = helper.submit_job(auth, {"type": "generate", "model": refs["model"], "input_file": refs["generate"],
                                    "sampling": {"seed": 3}})
     assert job["input_file"] == refs["generate"] and job["sampling"]["seed"] == 3 and "prompt_count" not in job
-    assert job["progress"]["total"] is None
+    assert job["progress"] == {"total": 2, "completed": 0, "failed": 0}  # the file's two prompts
 
 
 @pytest.mark.parametrize(
