@@ -4,6 +4,7 @@ the model it produced."""
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -146,9 +147,10 @@ def register_model(rt: Runtime, job: Job, model: GPT2, base_name: str) -> str:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     suffix = job.params.get("suffix") or job.id.removeprefix("job-")[:8]
+    config = json.loads((final / "config.json").read_text())  # as for imported models: Hugging Face's config
     with rt.transaction() as session:
         registered = execution.register_job_model(
-            session, job.id, f"{base_name}:{suffix}", str(final), model.config.to_dict(), model.num_parameters())
+            session, job.id, f"{base_name}:{suffix}", str(final), config, model.num_parameters())
         return registered.id
 
 

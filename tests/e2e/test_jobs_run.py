@@ -97,6 +97,7 @@ def test_train_finetune_and_generate_across_two_workers(redis_stack: Stack, tmp_
     check_training_run(api, job, snapshots, 30)
     model = api.get(f"/v1/models/{job['result']['model']}").json()
     assert model["source"] == "job" and model["job_id"] == job["id"] and model["config"]["n_layer"] == 1
+    assert model["config"]["model_type"] == "gpt2"  # Hugging Face's config, as for imported models
 
     tuned, _ = finished(api, submit(api, {**train_body(file_id, 10), "type": "finetune", "model": model["id"],
                                           "suffix": "again"})["id"])
