@@ -52,11 +52,11 @@ class Hyperparameters(Strict):
     batch_size: int = Field(default=8, ge=1, le=1024)
     grad_accum_steps: int = Field(default=1, ge=1, le=1024)
     learning_rate: float = Field(default=6e-4, gt=0, le=1)
-    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, le=1_000_000)
     weight_decay: float = Field(default=0.1, ge=0, le=10)
-    eval_every: int = Field(default=100, ge=0)
-    checkpoint_every: int = Field(default=500, ge=0)
-    sample_every: int = Field(default=0, ge=0)
+    eval_every: int = Field(default=100, ge=0, le=1_000_000)
+    checkpoint_every: int = Field(default=500, ge=0, le=1_000_000)
+    sample_every: int = Field(default=0, ge=0, le=1_000_000)
 
     @field_validator("n_epochs")
     @classmethod

@@ -153,6 +153,8 @@ INVALID_BODIES = {
     "unknown field": ({"type": "train", "training_file": "{train}", "epochs": 3}, "epochs"),
     "unknown hyperparameter": ({"type": "train", "training_file": "{train}", "hyperparameters": {"lr": 1}},
                                "hyperparameters.lr"),
+    "eval_every absurdly large": ({"type": "train", "training_file": "{train}",
+                                   "hyperparameters": {"eval_every": 10**30}}, "hyperparameters.eval_every"),
     "learning_rate too high": ({"type": "train", "training_file": "{train}",
                                 "hyperparameters": {"learning_rate": 2}}, "hyperparameters.learning_rate"),
     "learning_rate zero": ({"type": "train", "training_file": "{train}", "hyperparameters": {"learning_rate": 0}},

@@ -109,7 +109,7 @@ def redis_stack(launch, fresh_database_url, redis_url, tmp_path) -> Iterator[Sta
     """Production-shaped: PostgreSQL (a fresh database), Redis (the session's database), artifacts on disk."""
     yield Stack(launch, {"DATABASE_URL": fresh_database_url("postgresql"), "BROKER_URL": redis_url,
                          "ARTIFACT_DIR": str(tmp_path / "artifacts"), "GPT2JOBS_VAR_DIR": str(tmp_path / "var"),
-                         "JOB_LEASE_SECONDS": LEASE_SECONDS})
+                         "JOB_LEASE_SECONDS": LEASE_SECONDS, "GENERATION_SHARD_SIZE": "20"})
 
 
 @pytest.fixture
