@@ -203,6 +203,5 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
 
         with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):
             results = generate_items(model, job.params["sampling"], items[start:stop])
-        with rt.transaction() as session:
-            execution.complete_shard(session, job.id, index, rt.worker_id, results)
+        rt.retrying(lambda session: execution.complete_shard(session, job.id, index, rt.worker_id, results))
         log.info("job %s: shard %d done (%d items)", job.id, index, stop - start)

@@ -6,11 +6,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import make_engine, make_session_factory, session_scope
@@ -21,6 +23,7 @@ from jobs.states import CANCELLING
 from jobs.storage import ArtifactStore
 
 log = logging.getLogger("workers")
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,6 +37,19 @@ class Runtime:
     def transaction(self):
         """One unit of work: `with rt.transaction() as session: ...` commits on success."""
         return session_scope(self.sessions)
+
+    def retrying(self, unit: Callable[[Session], T], attempts: int = 3) -> T:
+        """Run `unit` in a transaction, again (after a short pause) if the database aborts it for a transient
+        reason (a deadlock, a dropped connection): for writes too costly to lose, like a shard's results."""
+        for attempt in range(1, attempts):
+            try:
+                with self.transaction() as session:
+                    return unit(session)
+            except OperationalError:
+                log.warning("transient database error; retrying (%d/%d)", attempt, attempts - 1, exc_info=True)
+                time.sleep(0.2 * attempt)
+        with self.transaction() as session:
+            return unit(session)
 
 
 _runtime: Runtime | None = None

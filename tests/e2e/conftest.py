@@ -105,8 +105,9 @@ class Stack:
 
 
 @pytest.fixture
-def redis_stack(launch, fresh_database_url, redis_url, tmp_path) -> Iterator[Stack]:
-    """Production-shaped: PostgreSQL (a fresh database), Redis (the session's database), artifacts on disk."""
+def redis_stack(fresh_database_url, redis_url, tmp_path, launch) -> Iterator[Stack]:
+    """Production-shaped: PostgreSQL (a fresh database), Redis (the session's database), artifacts on disk.
+    (`launch` comes last so its processes stop before the database is dropped.)"""
     yield Stack(launch, {"DATABASE_URL": fresh_database_url("postgresql"), "BROKER_URL": redis_url,
                          "ARTIFACT_DIR": str(tmp_path / "artifacts"), "GPT2JOBS_VAR_DIR": str(tmp_path / "var"),
                          "JOB_LEASE_SECONDS": LEASE_SECONDS, "GENERATION_SHARD_SIZE": "20"})

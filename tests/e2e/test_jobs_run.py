@@ -30,7 +30,7 @@ def wait_for(api: Api, job_id: str, done, timeout: float = 180) -> tuple[dict, l
 
 def finished(api: Api, job_id: str, timeout: float = 180) -> tuple[dict, list[dict]]:
     job, snapshots = wait_for(api, job_id, lambda j: j["status"] in FINISHED, timeout)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", f"{job['status']}: {job['error']}"
     return job, snapshots
 
 

@@ -639,6 +639,53 @@ def test_concurrent_shard_claims_never_overlap(sessions, owner):
     assert all(sh.attempts == 1 for sh in shard_rows(sessions, job_id))
 
 
+def test_concurrent_workers_complete_every_shard_without_deadlock(sessions, owner):
+    """Four workers claim and complete shards at once while the coordinator renews the job's lease: results
+    referencing the job and locks on the job never wait on each other in a cycle (PostgreSQL would abort one)."""
+    job_id = running_job(sessions, owner, "coordinator", type="generate")
+    with session_scope(sessions) as s:
+        ex.plan_shards(s, job_id, 160, 4)
+    barrier = threading.Barrier(5)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def work(worker: str) -> None:
+        try:
+            barrier.wait()
+            while True:
+                with session_scope(sessions) as s:
+                    shard = ex.claim_shard(s, job_id, worker, LEASE, now=at(1))
+                    span = None if shard is None else (shard.index, shard.start, shard.stop)
+                if span is None:
+                    return
+                index, start, stop = span
+                results = [{"index": i, "custom_id": None, "prompt": "p", "completions": [], "usage": {},
+                            "error": None} for i in range(start, stop)]
+                with session_scope(sessions) as s:
+                    ex.complete_shard(s, job_id, index, worker, results)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def renew() -> None:
+        barrier.wait()
+        while not done.is_set():
+            with session_scope(sessions) as s:
+                ex.renew_lease(s, job_id, "coordinator", LEASE, now=at(1))
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    renewer = threading.Thread(target=renew)
+    for thread in [*threads, renewer]:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    done.set()
+    renewer.join(timeout=60)
+    assert not errors, errors[0]
+    assert load(sessions, job_id).progress == {"total": 160, "completed": 160, "failed": 0}
+    with session_scope(sessions) as s:
+        assert ex.shards_remaining(s, job_id) == 0
+
+
 def test_concurrent_deliveries_of_one_job_claim_it_once(sessions, owner):
     job_id = new_job(sessions, owner)
     barrier = threading.Barrier(4)

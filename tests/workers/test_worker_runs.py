@@ -18,6 +18,7 @@ from jobs.queue import make_celery
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from workers.generation import ModelCache, run_generation
 from workers.runtime import JobFailure, Runtime, error_for
 from workers.sweeper import sweep
@@ -185,3 +186,21 @@ def test_model_cache_keeps_at_most_its_capacity(tmp_path):
 ])
 def test_failures_get_codes_a_user_can_act_on(exc, code):
     assert error_for(exc)["code"] == code
+
+
+def test_a_transient_database_error_is_retried_then_raised(rt, monkeypatch):
+    monkeypatch.setattr("workers.runtime.time.sleep", lambda seconds: None)
+    failures = [OperationalError("UPDATE ...", {}, Exception("deadlock detected"))] * 2
+
+    def flaky(session):
+        if failures:
+            raise failures.pop()
+        return "stored"
+
+    assert rt.retrying(flaky) == "stored"
+
+    def down(session):
+        raise OperationalError("UPDATE ...", {}, Exception("server closed the connection"))
+
+    with pytest.raises(OperationalError):
+        rt.retrying(down)
