@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import codecs
 import json
-from pathlib import Path
 from typing import BinaryIO
 
 from pydantic import ValidationError
 
+from jobs.models import is_jsonl
+
 from .errors import ApiError
 from .schemas import Sampling
 
-JSONL_SUFFIXES = (".jsonl", ".json")
 READ_BYTES = 1 << 20
 
 
@@ -43,10 +43,10 @@ def lines(stream: BinaryIO, filename: str):
 
 def check_training_file(stream: BinaryIO, filename: str) -> int:
     """Plain UTF-8 text, or JSONL with a string `text` per line. Returns the number of documents."""
-    is_jsonl = Path(filename).suffix.lower() in JSONL_SUFFIXES
+    jsonl = is_jsonl(filename)
     documents, has_text = 0, False
     for number, line in lines(stream, filename):
-        if not is_jsonl:
+        if not jsonl:
             has_text = has_text or bool(line.strip())
             continue
         if not line.strip():
@@ -58,7 +58,7 @@ def check_training_file(stream: BinaryIO, filename: str) -> int:
         documents += 1
     if not has_text:
         raise invalid_file(f"{filename}: the file holds no text")
-    return documents if is_jsonl else 1
+    return documents if jsonl else 1
 
 
 def check_generation_file(stream: BinaryIO, filename: str) -> int:

@@ -22,7 +22,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def command(name: str) -> str:
+def console_script(name: str) -> str:
+    """A console script (gunicorn, celery, alembic, flask) from this interpreter's environment, if it is there."""
     script = Path(sys.executable).parent / name
     return str(script) if script.exists() else name
 
@@ -41,14 +42,15 @@ class LocalPlatform:
         self.url = f"http://127.0.0.1:{free_port()}"
 
     def run(self, *argv: str) -> str:
-        done = subprocess.run([command(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, capture_output=True, text=True)
+        done = subprocess.run([console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True)
         if done.returncode != 0:
             sys.exit(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
         return done.stdout
 
     def start(self, name: str, *argv: str) -> None:
         log = (self.logs / f"{name}.log").open("w")
-        self.processes.append(subprocess.Popen([command(argv[0]), *argv[1:]], cwd=ROOT, env=self.env,
+        self.processes.append(subprocess.Popen([console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def __enter__(self) -> "LocalPlatform":

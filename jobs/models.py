@@ -31,6 +31,8 @@ from jobs.states import QUEUED, STATUSES
 
 ID_LENGTH = 40  # the longest prefix ("model-") plus 24 characters, with room to spare
 FILE_PURPOSES = ("train", "generate")
+#: A training file with one of these suffixes is JSONL ({"text": ...} per line); any other is plain text.
+JSONL_SUFFIXES = (".jsonl", ".json")
 JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
@@ -38,6 +40,10 @@ MODEL_SOURCES = ("job", "import")
 SHARD_STATUSES = ("pending", "running", "done")
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def is_jsonl(filename: str) -> bool:
+    return filename.lower().endswith(JSONL_SUFFIXES)
 
 
 def new_id(prefix: str) -> str:

@@ -15,7 +15,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from alembic.config import Config
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from demo.local import console_script
 from gpt2core import GPT2, GPT2Config, GPT2Tokenizer
 from jobs.db import make_engine, make_session_factory
 
@@ -264,8 +264,7 @@ def service_env(overrides: dict[str, str]) -> dict[str, str]:
 
 def venv_command(argv: list[str]) -> list[str]:
     """A console-script command (gunicorn, celery, alembic, flask) run from this interpreter's environment."""
-    script = Path(sys.executable).parent / argv[0]
-    return [str(script) if script.exists() else argv[0], *argv[1:]]
+    return [console_script(argv[0]), *argv[1:]]
 
 
 @pytest.fixture

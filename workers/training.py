@@ -18,7 +18,7 @@ from gpt2core import GPT2, GPT2Config, GPT2Tokenizer, Trainer, TrainConfig, load
 from gpt2core.data import FORMAT_VERSION, DatasetError, PreparedDataset
 from gpt2core.train import StepMetrics, TrainerCallback, latest_checkpoint
 from jobs import execution, repository
-from jobs.models import File, Job, Model
+from jobs.models import File, Job, Model, is_jsonl
 from jobs.states import CANCELLED, FAILED, SUCCEEDED
 
 from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
@@ -51,10 +51,9 @@ def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
             return load_dataset(folder)
         except DatasetError:
             pass
-        source = Path(file.storage_path)
-        suffix = ".jsonl" if file.filename.lower().endswith((".jsonl", ".json", ".ndjson")) else ".txt"
-        prepare_dataset([source], folder, val_fraction=val_fraction,
-                        format="jsonl" if suffix == ".jsonl" else "text")
+        # The format the upload was checked as (gpt2core's own guess also takes .ndjson for JSONL).
+        prepare_dataset([Path(file.storage_path)], folder, val_fraction=val_fraction,
+                        format="jsonl" if is_jsonl(file.filename) else "text")
         return load_dataset(folder)
 
 

@@ -3,7 +3,6 @@ against PostgreSQL and Redis or the embedded default (SQLite and the filesystem 
 from __future__ import annotations
 
 import shlex
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import requests
 import yaml
 
+from demo.local import free_port
 from tests.conftest import REPO_ROOT, ServiceProcess, service_env, venv_command
 
 HEALTHZ_TIMEOUT = 60
@@ -29,12 +29,6 @@ def compose_command(service: str) -> list[str]:
 def replace_option(argv: list[str], name: str, value: str) -> list[str]:
     position = argv.index(name)
     return [*argv[: position + 1], value, *argv[position + 2:]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Api(requests.Session):

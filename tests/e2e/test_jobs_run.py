@@ -6,8 +6,6 @@ import json
 import time
 from typing import Any
 
-import pytest
-
 from .conftest import Api, Stack, corpus_file
 
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
