@@ -1,12 +1,36 @@
-"""gpt2core: an exact, fast GPT-2 library (model, tokenizer, data, training, generation, Hugging Face interop)."""
-from .config import PRESETS, GPT2Config
-from .data import BatchLoader, DatasetError, load_dataset, prepare_dataset
-from .device import default_device, set_default_device
-from .generation import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
-from .hf import CheckpointError
-from .model import GPT2
-from .tokenizer import GPT2Tokenizer
-from .train import Trainer, TrainerCallback, TrainConfig, TrainResult
+"""gpt2core: an exact, fast GPT-2 library (model, tokenizer, data, training, generation, Hugging Face interop).
+
+The public names below are imported lazily (PEP 562), on first access: ``import gpt2core.checkpoint`` or
+``gpt2core.config`` alone does not import torch, so torch-free code (the web API's upload checks) can use them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "PRESETS": "config",
+    "GPT2Config": "config",
+    "BatchLoader": "data",
+    "DatasetError": "data",
+    "load_dataset": "data",
+    "prepare_dataset": "data",
+    "default_device": "device",
+    "set_default_device": "device",
+    "Completion": "generation",
+    "GenerationResult": "generation",
+    "PromptTooLongError": "generation",
+    "SamplingParams": "generation",
+    "generate": "generation",
+    "CheckpointError": "checkpoint",
+    "GPT2": "model",
+    "GPT2Tokenizer": "tokenizer",
+    "Trainer": "train",
+    "TrainerCallback": "train",
+    "TrainConfig": "train",
+    "TrainResult": "train",
+}
 
 __all__ = [
     "PRESETS",
@@ -30,3 +54,32 @@ __all__ = [
     "prepare_dataset",
     "set_default_device",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError
+    from .config import PRESETS, GPT2Config
+    from .data import BatchLoader, DatasetError, load_dataset, prepare_dataset
+    from .device import default_device, set_default_device
+    from .generation import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
+    from .model import GPT2
+    from .tokenizer import GPT2Tokenizer
+    from .train import Trainer, TrainerCallback, TrainConfig, TrainResult
+
+
+# Submodules, reachable as attributes (gpt2core.hf) as they were when this package imported them all eagerly.
+_SUBMODULES = {"checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "tokenizer", "train"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

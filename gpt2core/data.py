@@ -30,7 +30,6 @@ whitespace at all) is cut arbitrarily, which may tokenize the cut differently.
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import math
@@ -45,7 +44,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+from .corpus import CorpusError, iter_jsonl_texts, iter_text
+
+FORMAT_VERSION = 2  # 2: reading rules of gpt2core.corpus (CRLF read as LF in plain text)
 TOKEN_DTYPE = np.uint16
 META_FILE = "meta.json"
 TRAIN_FILE = "train.bin"
@@ -94,8 +95,8 @@ def safe_split_point(text: str, lo: int = 1, hi: int | None = None) -> int | Non
     while end >= lo:
         start = max(lo - 1, end - window)
         last = None
-        for last in _BOUNDARY.finditer(text, start, end + 1):
-            pass
+        for match in _BOUNDARY.finditer(text, start, end + 1):
+            last = match
         if last is not None:
             return last.end()
         end = start
@@ -226,78 +227,28 @@ class _HashingReader:
         return data
 
 
-def _utf8_error(path: Path, exc: UnicodeDecodeError, line_base: int, offset_base: int) -> DatasetError:
-    """``exc.object`` starts at file offset ``offset_base`` on line ``line_base``."""
-    data = exc.object
-    line = line_base + data[: exc.start].count(b"\n")
-    bad = data[exc.start : exc.start + 1]
-    return DatasetError(
-        f"{path}:{line}: invalid UTF-8 (byte 0x{bad.hex() or '??'} at byte offset {offset_base + exc.start}: "
-        f"{exc.reason})",
-        path,
-        line,
-    )
+def _corpus_error(path: Path, exc: CorpusError) -> DatasetError:
+    return DatasetError(f"{path}:{exc.line}: {exc.reason}", path, exc.line)
 
 
 def _text_documents(path: Path, reader: _HashingReader, chunk_bytes: int, max_chunk_chars: int):
-    """The pieces of a plain-text file (one document), cut at safe split points."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    """The pieces of a plain-text file (one document), read by :func:`gpt2core.corpus.iter_text` and cut at
+    safe split points."""
     splitter = _Splitter(chunk_bytes, max_chunk_chars)
-    newlines = 0  # newlines in all bytes fully decoded before the current block
-    first = True
-    while True:
-        block = reader.read(chunk_bytes)
-        final = not block
-        pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous block
-        try:
-            text = decoder.decode(block, final=final)
-        except UnicodeDecodeError as exc:
-            raise _utf8_error(path, exc, 1 + newlines, reader.size - len(block) - pending) from None
-        newlines += block.count(b"\n")
-        if first and text:
-            if text.startswith("\ufeff"):
-                text = text[1:]  # a UTF-8 byte-order mark is not content
-            first = False
-        for piece in splitter.feed(text):
-            yield piece
-        if final:
-            break
+    try:
+        for text in iter_text(reader, chunk_bytes):
+            yield from splitter.feed(text)
+    except CorpusError as exc:
+        raise _corpus_error(path, exc) from None
     yield from splitter.flush()
 
 
 def _jsonl_documents(path: Path, reader: _HashingReader):
-    """Yields (line_number, text) for each non-blank line."""
-    line_no = 0
-    while True:
-        offset = reader.size
-        raw = reader.readline()
-        if not raw:
-            return
-        line_no += 1
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _utf8_error(path, exc, line_no, offset) from None
-        if line_no == 1 and line.startswith("\ufeff"):
-            line = line[1:]
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{line_no}: invalid JSON: {exc.msg} (column {exc.colno})", path, line_no) from None
-        if not isinstance(obj, dict):
-            raise DatasetError(
-                f"{path}:{line_no}: expected a JSON object with a \"text\" field, got {type(obj).__name__}", path, line_no
-            )
-        if "text" not in obj:
-            raise DatasetError(f"{path}:{line_no}: JSON object has no \"text\" field", path, line_no)
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise DatasetError(
-                f"{path}:{line_no}: \"text\" must be a string, got {type(text).__name__}", path, line_no
-            )
-        yield line_no, text
+    """Yields (line_number, text) for each non-blank line, by :func:`gpt2core.corpus.iter_jsonl_texts`."""
+    try:
+        yield from iter_jsonl_texts(reader, DEFAULT_CHUNK_BYTES)
+    except CorpusError as exc:
+        raise _corpus_error(path, exc) from None
 
 
 class _TokenSink:

@@ -223,7 +223,8 @@ def _prepare(
     """Tokenize and check every prompt, and expand each into its n completion requests."""
     texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
     encoded = dict(zip(texts, tok.encode_batch([prompts[i] for i in texts])))
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    # Prompt ids must be ones both the model and the tokenizer know (a resized model may have extra rows).
+    block_size, vocab_size = model.config.block_size, min(model.config.vocab_size, tok.vocab_size)
     results, requests = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         ids = _token_ids(encoded.get(i, prompt), i, vocab_size)
@@ -383,6 +384,10 @@ class _Engine:
         self.retire_finished()
 
     def next_tokens(self, logits: torch.Tensor, requests: list[_Request], history: torch.Tensor | None) -> list[int]:
+        if logits.size(-1) > self.tok.vocab_size:
+            # A model with more rows than the tokenizer has tokens (a resized embedding, e.g. an added pad token)
+            # must never pick an id the tokenizer cannot decode, sampling or greedy.
+            logits[:, self.tok.vocab_size :] = -math.inf
         uniforms = [0.0 if r.params.temperature == 0 else r.rng.random() for r in requests]
         return sample(logits, [r.params for r in requests], uniforms, history).tolist()
 

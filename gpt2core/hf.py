@@ -1,4 +1,10 @@
-"""Reading and writing Hugging Face format GPT-2 checkpoints (config.json + model.safetensors / pytorch_model.bin)."""
+"""Reading and writing Hugging Face format GPT-2 checkpoints (config.json + safetensors or pytorch_model.bin weights,
+single-file or sharded).
+
+Loading first runs the torch-free :func:`gpt2core.checkpoint.check_checkpoint`, which reads only config.json and
+the weight files' headers, then reads exactly the tensors it listed. Error messages name files relative to the
+checkpoint folder, never its path.
+"""
 from __future__ import annotations
 
 import json
@@ -6,121 +12,98 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import GPT2Config
+from .checkpoint import CheckpointError, CheckpointInfo, check_checkpoint, normalise_key
+from .config import GPT2_VOCAB_SIZE, GPT2Config
 
 if TYPE_CHECKING:
     from .model import GPT2
 
+__all__ = ["CheckpointError", "config_from_checkpoint", "load_pretrained", "save_pretrained"]
 
-class CheckpointError(ValueError):
-    """A directory that is not a loadable GPT-2 checkpoint; the message says what is wrong."""
-
-
-# transformers' GPT-2 stores these projections as Conv1D, whose weight is the transpose of nn.Linear's.
+# transformers' GPT-2 stores these projections as Conv1D, whose weight ([in, out]) is the transpose of nn.Linear's.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def config_from_hf(data: dict[str, Any], source: Path) -> GPT2Config:
-    if data.get("model_type") != "gpt2":
-        raise CheckpointError(f"{source}: model_type is {data.get('model_type')!r}, expected 'gpt2'")
-    activation = data.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"{source}: activation_function {activation!r} is not supported (GPT-2 uses gelu_new)")
-    for flag, expected in (
-        ("scale_attn_weights", True),
-        ("scale_attn_by_inverse_layer_idx", False),
-        ("reorder_and_upcast_attn", False),
-        ("tie_word_embeddings", True),
-    ):
-        if data.get(flag, expected) != expected:
-            raise CheckpointError(f"{source}: {flag}={data[flag]!r} is not supported (GPT-2 uses {expected!r})")
-    try:
-        return GPT2Config(
-            n_layer=data.get("n_layer", 12),
-            n_head=data.get("n_head", 12),
-            n_embd=data.get("n_embd", 768),
-            block_size=data.get("n_positions", 1024),
-            vocab_size=data.get("vocab_size", 50257),
-            n_inner=data.get("n_inner"),
-            dropout=data.get("resid_pdrop", 0.1),
-            layer_norm_epsilon=data.get("layer_norm_epsilon", 1e-5),
-        )
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: invalid GPT-2 config: {exc}") from exc
+def config_from_checkpoint(info: CheckpointInfo) -> GPT2Config:
+    """Our GPT2Config for a checked checkpoint (dropout from config.json's resid_pdrop, as transformers uses it)."""
+    return GPT2Config(
+        n_layer=info.n_layer,
+        n_head=info.n_head,
+        n_embd=info.n_embd,
+        block_size=info.n_positions,
+        vocab_size=info.vocab_size,
+        n_inner=info.n_inner,
+        dropout=float(info.config.get("resid_pdrop", 0.1)),
+        layer_norm_epsilon=info.layer_norm_epsilon,
+    )
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        file = directory / name
-        if not file.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                return load_file(str(file))
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a corrupt or truncated file surfaces as many exception types
-            raise CheckpointError(f"{file}: cannot read weights: {exc}") from exc
-    raise CheckpointError(f"{directory}: missing weights file (expected {' or '.join(WEIGHT_FILES)})")
+def load_pretrained(cls: type["GPT2"], path: str | Path, *, tokenizer_vocab_size: int | None = GPT2_VOCAB_SIZE,
+                    **overrides: Any) -> "GPT2":
+    """A float32 GPT2 with the weights of the checkpoint folder `path` (F16/BF16/F64 weights are cast).
 
-
-def normalise_key(key: str) -> str:
-    return key[len("transformer.") :] if key.startswith("transformer.") else key
-
-
-def load_pretrained(cls: type["GPT2"], path: str | Path, **overrides: Any) -> "GPT2":
+    `overrides` replace GPT2Config fields (dropout, pad_vocab_multiple, ...); ones that change tensor shapes make
+    the checkpoint not fit. Raises CheckpointError (see check_checkpoint) for anything that is not a loadable
+    GPT-2 checkpoint; `tokenizer_vocab_size` as there (None for a model with a tokenizer of its own).
+    """
     directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory}: missing config.json")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON: {exc}") from exc
-    if not isinstance(hf_config, dict):
-        raise CheckpointError(f"{config_file}: expected a JSON object")
-    config = config_from_hf(hf_config, config_file)
+    info = check_checkpoint(directory, tokenizer_vocab_size=tokenizer_vocab_size)
+    config = config_from_checkpoint(info)
     if overrides:
         config = GPT2Config.from_dict({**config.to_dict(), **overrides})
-
-    source = {
-        normalise_key(k): v
-        for k, v in read_state_dict(directory).items()
-        if not k.endswith(IGNORED_SUFFIXES) and normalise_key(k) != "lm_head.weight"
-    }
     model = cls(config)
-    target = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    expected = {normalise_key(k) for k in target}
-    missing = sorted(expected - set(source))
+    params = {normalise_key(k): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
+    missing = [name for name in params if name not in info.tensors]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{directory}: checkpoint lacks tensor {missing[0]}{more}")
-    unexpected = sorted(set(source) - expected)
-    if unexpected:
-        raise CheckpointError(f"{directory}: unexpected tensor {unexpected[0]} in checkpoint")
+        raise CheckpointError(f"with these overrides the model needs tensor {missing[0]}, which the checkpoint lacks")
+    extra = [name for name in info.tensors if name not in params]
+    if extra:
+        raise CheckpointError(f"with these overrides the model has no tensor {extra[0]}, which the checkpoint holds")
 
+    by_file: dict[str, list[str]] = {}
+    for name, (_dtype, _shape, file) in info.tensors.items():
+        by_file.setdefault(file, []).append(name)
     with torch.no_grad():
-        for key, param in target.items():
-            tensor = source[normalise_key(key)]
-            if key.endswith(CONV1D_SUFFIXES):
-                tensor = tensor.t()
-            if key == "transformer.wte.weight" and tensor.shape[0] == config.vocab_size:
-                expected_shape = (config.vocab_size, *param.shape[1:])
-            else:
-                expected_shape = tuple(param.shape)
-            if tuple(tensor.shape) != expected_shape:
-                raise CheckpointError(
-                    f"{directory}: tensor {normalise_key(key)} has shape {tuple(tensor.shape)}, "
-                    f"expected {expected_shape} for this config"
-                )
-            param[: tensor.shape[0]].copy_(tensor)
-            param[tensor.shape[0] :].zero_()
+        for file, names in by_file.items():
+            tensors = _read_tensors(directory, file, names)
+            for name in names:
+                _copy_into(params[name], name, tensors.pop(name), file, config)
     return model
+
+
+def _read_tensors(directory: Path, file: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` (normalised) of one weight file, as stored (any dtype)."""
+    wanted = set(names)
+    try:
+        if file.endswith(".safetensors"):
+            with safe_open(str(directory / file), framework="pt", device="cpu") as f:
+                keys = {normalise_key(k): k for k in f.keys()}
+                return {name: f.get_tensor(keys[name]) for name in names}
+        state = torch.load(directory / file, map_location="cpu", weights_only=True, mmap=True)
+        return {normalise_key(k): v for k, v in state.items() if normalise_key(k) in wanted}
+    except Exception as exc:  # a file changed or corrupted since the check surfaces as many exception types
+        message = str(exc)
+        for folder in {str(directory), str(directory.resolve()), str(directory.absolute())}:
+            message = message.replace(folder, "")
+        raise CheckpointError(f"{file}: cannot read weights: {message}") from exc
+
+
+def _copy_into(param: torch.Tensor, name: str, tensor: torch.Tensor, file: str, config: GPT2Config) -> None:
+    if name.endswith(CONV1D_SUFFIXES):
+        tensor = tensor.t()
+    # The token embedding may have padding rows (pad_vocab_multiple) beyond the checkpoint's vocab_size.
+    rows = config.vocab_size if name == "wte.weight" else param.shape[0]
+    expected = (rows, *param.shape[1:])
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(
+            f"{file}: tensor {name} has shape {list(tensor.shape)}, but the model (with these overrides) "
+            f"needs {list(expected)}"
+        )
+    param[:rows].copy_(tensor.to(param.dtype))
+    param[rows:].zero_()
 
 
 def save_pretrained(model: "GPT2", path: str | Path) -> None:

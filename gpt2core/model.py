@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPT2Config
+from .config import GPT2_VOCAB_SIZE, GPT2Config
 
 
 class CacheView(Protocol):
@@ -162,11 +162,14 @@ class GPT2(nn.Module):
         return logits, loss
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "GPT2":
-        """Load a Hugging Face format directory (config.json + model.safetensors or pytorch_model.bin)."""
+    def from_pretrained(cls, path: str | Path, *, tokenizer_vocab_size: int | None = GPT2_VOCAB_SIZE,
+                        **overrides) -> "GPT2":
+        """Load a Hugging Face format directory (config.json and model.safetensors, pytorch_model.bin or their
+        sharded forms), checked first by gpt2core.checkpoint.check_checkpoint. A model with fewer token embeddings
+        than `tokenizer_vocab_size` (GPT-2's tokenizer by default; None: no check) is refused."""
         from .hf import load_pretrained
 
-        return load_pretrained(cls, path, **overrides)
+        return load_pretrained(cls, path, tokenizer_vocab_size=tokenizer_vocab_size, **overrides)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json and model.safetensors that transformers.GPT2LMHeadModel loads."""

@@ -585,7 +585,7 @@ class Trainer:
             raise ValueError(f"{directory / STATE_FILE}: unsupported trainer state version {state.get('version')!r}")
 
         mc = self.model.config
-        loaded = GPT2.from_pretrained(directory, pad_vocab_multiple=mc.pad_vocab_multiple, dropout=mc.dropout)
+        loaded = GPT2.from_pretrained(directory, tokenizer_vocab_size=None, pad_vocab_multiple=mc.pad_vocab_multiple, dropout=mc.dropout)
         try:
             self.model.load_state_dict(loaded.state_dict())
         except RuntimeError as exc:

@@ -167,7 +167,7 @@ def test_finetune_from_pretrained_and_loader_inputs(tmp_path):
     data = random_tokens(3000)
     model = small_model()
     model.save_pretrained(tmp_path / "base")
-    loaded = GPT2.from_pretrained(tmp_path / "base")
+    loaded = GPT2.from_pretrained(tmp_path / "base", tokenizer_vocab_size=None)  # a 256-token model
     data.tofile(tmp_path / "train.bin")
     loader = BatchLoader(tmp_path / "train.bin", block_size=32, batch_size=4, seed=5)
     cfg = TrainConfig(max_steps=3, warmup_steps=0, device="cpu", eval_every=3, eval_steps=2)
@@ -233,7 +233,7 @@ def test_should_stop_stops_within_one_step_and_leaves_loadable_checkpoint(tmp_pa
     ckpt = tmp_path / "run" / "step-000003"
     assert result.checkpoint == ckpt and recorder.checkpoints[-1][:2] == (3, ckpt)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-000003"]  # no temporary directories
-    reloaded = GPT2.from_pretrained(ckpt)
+    reloaded = GPT2.from_pretrained(ckpt, tokenizer_vocab_size=None)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     state = torch.load(ckpt / STATE_FILE, weights_only=True)

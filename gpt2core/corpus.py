@@ -1,0 +1,166 @@
+"""How a corpus file's bytes become lines and documents: the one set of reading rules, without torch or numpy.
+
+:func:`gpt2core.data.prepare_dataset` reads training files with these functions, and the platform's upload check
+(``jobs.readers``) runs the very same ones, so a file accepted at upload is read line for line the same way when
+it is trained on.
+
+Rules (every format):
+
+* The bytes must be UTF-8; the first invalid byte is an error naming its line and byte offset.
+* A UTF-8 byte-order mark (U+FEFF) at the very start of the file is dropped; anywhere else it is content.
+* Lines end at ``"\\n"`` only. A ``"\\r"`` right before a ``"\\n"`` belongs to that line ending (CRLF reads as LF).
+  Any other ``"\\r"`` (a lone CR), form feeds, U+0085, U+2028 and U+2029 are ordinary characters inside a line,
+  never line breaks (unlike Python's ``str.splitlines`` or text-mode files).
+
+Plain text: the whole file is one document; CRLF line endings become LF, every other character is kept.
+
+JSONL (one JSON object per line): a line holding only JSON whitespace (spaces, tabs, CRs) is skipped; every other line must be a JSON
+object. Raw control characters inside JSON strings are invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``,
+``\\r``) are content. Text with an unpaired surrogate (a lone ``\\ud800`` escape) is refused: it is not text, and
+it cannot be encoded as UTF-8 or stored.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+BOM = "\ufeff"
+JSON_WHITESPACE = " \t\r\n"
+DEFAULT_READ_BYTES = 1 << 20
+
+
+class CorpusError(ValueError):
+    """A line of a corpus file that breaks the reading rules. `line` is 1-based; `reason` has no file name."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+        self.reason = reason
+
+
+def _utf8_reason(exc: UnicodeDecodeError, offset: int) -> str:
+    bad = exc.object[exc.start : exc.start + 1]
+    return f"invalid UTF-8 (byte 0x{bad.hex() or '??'} at byte offset {offset + exc.start}: {exc.reason})"
+
+
+def iter_lines(stream: BinaryIO, read_bytes: int = DEFAULT_READ_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) for every line of a binary UTF-8 stream, blank ones too.
+
+    Lines split at ``b"\\n"`` only (see the module rules); a final line without ``"\\n"`` is yielded when it is
+    not empty. A single line is held whole in memory. Raises :class:`CorpusError` on invalid UTF-8."""
+    pieces: list[bytes] = []  # the unfinished line, in parts (a long line costs no quadratic copying)
+    number = 0
+    offset = 0  # byte offset of the current line in the stream
+    while True:
+        chunk = stream.read(read_bytes)
+        if not chunk:
+            if pieces and (raw := b"".join(pieces)):
+                yield number + 1, _decode_line(raw, number + 1, offset)
+            return
+        *complete, rest = chunk.split(b"\n")
+        for part in complete:
+            raw = b"".join([*pieces, part]) if pieces else part
+            pieces = []
+            number += 1
+            yield number, _decode_line(raw, number, offset)
+            offset += len(raw) + 1
+        if rest:
+            pieces.append(rest)
+
+
+def _decode_line(raw: bytes, number: int, offset: int) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(number, _utf8_reason(exc, offset)) from None
+    if number == 1 and text.startswith(BOM):
+        text = text[1:]
+    return text[:-1] if text.endswith("\r") else text
+
+
+def iter_text(stream: BinaryIO, read_bytes: int = DEFAULT_READ_BYTES) -> Iterator[str]:
+    """A plain-text file's content in pieces of about `read_bytes` (concatenated: the whole document), with the
+    leading BOM dropped and CRLF read as LF. Raises :class:`CorpusError` naming the line of invalid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    newlines = 0  # "\n" in all bytes fully decoded before the current block
+    offset = 0  # bytes read before the current block
+    first, held_cr = True, False
+    while True:
+        block = stream.read(read_bytes)
+        final = not block
+        pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous block
+        try:
+            text = decoder.decode(block, final=final)
+        except UnicodeDecodeError as exc:
+            line = 1 + newlines + exc.object[: exc.start].count(b"\n")
+            raise CorpusError(line, _utf8_reason(exc, offset - pending)) from None
+        newlines += block.count(b"\n")
+        offset += len(block)
+        if first and text:
+            text = text.removeprefix(BOM)
+            first = False
+        if held_cr:
+            text = "\r" + text
+            held_cr = False
+        if text.endswith("\r") and not final:
+            text, held_cr = text[:-1], True  # a CR at the end of a block may start a CRLF
+        text = text.replace("\r\n", "\n")
+        if text:
+            yield text
+        if final:
+            return
+
+
+def is_blank(line: str) -> bool:
+    """A JSONL line holding only JSON whitespace (spaces, tabs, CRs), which is skipped. Other whitespace, such as
+    U+2028 or a form feed, is not JSON and makes the line invalid."""
+    return not line.strip(JSON_WHITESPACE)
+
+
+def parse_json_line(line: str, number: int) -> dict[str, Any]:
+    """The JSON object on one line, or :class:`CorpusError` saying why not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting too deep to parse
+        raise CorpusError(number, "invalid JSON: too large or too deeply nested") from None
+    if not isinstance(record, dict):
+        raise CorpusError(number, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def unpaired_surrogate(text: str) -> int | None:
+    """The index of the first unpaired surrogate in `text` (not text: it has no UTF-8 encoding), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_text(value: str, number: int, field: str) -> str:
+    """`value` if it is text (no unpaired surrogates), else :class:`CorpusError` naming the field."""
+    index = unpaired_surrogate(value)
+    if index is not None:
+        raise CorpusError(number, f'"{field}" has an unpaired surrogate (U+{ord(value[index]):04X}) at '
+                          f"character {index}; it is not text")
+    return value
+
+
+def iter_jsonl_texts(stream: BinaryIO, read_bytes: int = DEFAULT_READ_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line of a training JSONL file (``{"text": "..."}`` per line).
+
+    Raises :class:`CorpusError` for a line that is not a JSON object with a string "text"."""
+    for number, line in iter_lines(stream, read_bytes):
+        if is_blank(line):
+            continue
+        record = parse_json_line(line, number)
+        if "text" not in record:
+            raise CorpusError(number, 'JSON object has no "text" field')
+        text = record["text"]
+        if not isinstance(text, str):
+            raise CorpusError(number, f'"text" must be a string, got {type(text).__name__}')
+        yield number, check_text(text, number, "text")
