@@ -18,7 +18,7 @@ from .files import files
 from .health import health
 from .jobs import jobs
 from .keys import keys
-from .models import models
+from .model_routes import models
 from .openapi import openapi
 
 

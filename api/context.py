@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from jobs import repository
 from jobs.db import session_scope
+from jobs.text import storable
 
 from .errors import ApiError
 
@@ -43,23 +44,17 @@ def require_api_key() -> None:
     g.owner = found
 
 
-def storable(text: str) -> bool:
-    """Whether the database can hold (or compare against) `text`: PostgreSQL refuses NUL characters in text
-    and JSON, and lone surrogates cannot be encoded as UTF-8 at all."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def comparable(text: str) -> bool:
+    """Whether a path id or query value can be compared with an identifier column: no NUL (PostgreSQL refuses
+    it in a query) and no unpaired surrogates (not text)."""
+    return "\x00" not in text and storable(text)
 
 
 def reject_unstorable_text() -> None:
     """Before every /v1 request, after authentication: path ids and query values the database cannot take are
     a 400 naming them, not a database error."""
     for name, value in [*(request.view_args or {}).items(), *request.args.items(multi=True)]:
-        if isinstance(value, str) and not storable(value):
+        if isinstance(value, str) and not comparable(value):
             raise ApiError(400, "invalid_request", f"{name} must not contain NUL characters or unpaired surrogates",
                            name)
 
@@ -80,17 +75,18 @@ def paging(cursor_type: type = str) -> dict[str, Any]:
     try:
         limit = int(raw_limit)
     except ValueError:
-        raise ApiError(400, "invalid_request", f"limit must be an integer from 1 to 100, got {raw_limit!r}", "limit")
+        raise ApiError(400, "invalid_request", f"limit must be an integer from 1 to 100, got {raw_limit!r}", "limit") from None
     if not 1 <= limit <= 100:
         raise ApiError(400, "invalid_request", f"limit must be from 1 to 100, got {limit}", "limit")
-    after = request.args.get("after")
-    if after is not None and cursor_type is int:
+    after: str | int | None = request.args.get("after")
+    if isinstance(after, str) and cursor_type is int:
         try:
-            after = int(after)
+            number = int(after)
         except ValueError:
-            raise ApiError(400, "invalid_request", f"after must be an integer id, got {after!r}", "after")
-        if not 0 <= after <= MAX_INT_CURSOR:
-            raise ApiError(400, "invalid_request", f"after must be from 0 to {MAX_INT_CURSOR}, got {after}", "after")
+            raise ApiError(400, "invalid_request", f"after must be an integer id, got {after!r}", "after") from None
+        if not 0 <= number <= MAX_INT_CURSOR:
+            raise ApiError(400, "invalid_request", f"after must be from 0 to {MAX_INT_CURSOR}, got {number}", "after")
+        after = number
     return {"after": after, "limit": limit}
 
 

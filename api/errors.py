@@ -1,15 +1,18 @@
 """Every error is JSON: {"error": {"code", "message", "param"}} with a stable code."""
 from __future__ import annotations
 
+import secrets
+
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError, OperationalError
+from pydantic_core import ErrorDetails
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from jobs.errors import Conflict, DomainError, NotFound, TooLarge
 from jobs.models import JOB_TYPES
 
-from .schemas import MODEL_TAGS
+from jobs.specs import MODEL_TAGS
 
 DOMAIN_STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413))
 
@@ -20,11 +23,16 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
 
 
+def new_reference() -> str:
+    """A short id that joins an error's answer to the log line holding its details."""
+    return f"err-{secrets.token_hex(6)}"
+
+
 def error_response(status: int, code: str, message: str, param: str | None = None):
     return jsonify(error={"code": code, "message": message, "param": param}), status
 
 
-def validation_param(error: dict) -> str:
+def validation_param(error: ErrorDetails) -> str:
     """The dotted path of the field a pydantic error is about (discriminated-union tags dropped)."""
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         return "type"  # the job-type discriminator itself is wrong
@@ -42,7 +50,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):
-        status = next((status for kind, status in DOMAIN_STATUS if isinstance(exc, kind)), 400)
+        status = getattr(exc, "status", None) or next(
+            (status for kind, status in DOMAIN_STATUS if isinstance(exc, kind)), 400)
         return error_response(status, exc.code, exc.message, exc.param)
 
     @app.errorhandler(ValidationError)
@@ -73,7 +82,18 @@ def register_error_handlers(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, code, exc.description or exc.name)
 
+    @app.errorhandler(IntegrityError)
+    def integrity_conflict(exc: IntegrityError):
+        # A concurrent request changed what this one relied on (the checks before it hold locks, so this is a last
+        # line of defence): nothing was stored. The details name tables and values: log them, answer in general.
+        reference = new_reference()
+        app.logger.warning("integrity error (reference %s): %s", reference, exc)
+        return error_response(409, "conflict", f"The request conflicts with a concurrent change; nothing was "
+                              f"stored (reference {reference}). Try again.")
+
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
-        app.logger.exception("unhandled error")
-        return error_response(500, "internal_error", "An unexpected error occurred.")
+        reference = new_reference()
+        app.logger.exception("unhandled error (reference %s)", reference)
+        return error_response(500, "internal_error", f"An unexpected error occurred (reference {reference}; the "
+                              "operators find the details under it in the API's log).")

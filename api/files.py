@@ -4,26 +4,16 @@ from __future__ import annotations
 from flask import request, send_file
 
 from jobs import repository
-from jobs.models import File, new_id
+from jobs.models import FILE_PURPOSES, File
+from jobs import uploads
 
-from .context import owner, page, paging, platform, storable, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
-from .schemas import FILE_PURPOSES
-from .uploads import check_generation_file, check_training_file
 
 files = v1_blueprint("files")
-CHECKS = {"train": check_training_file, "generate": check_generation_file}
-MAX_FILENAME = 255  # files.filename is VARCHAR(255)
 # Room for the multipart framing around the file, so the size limit applies to the file itself (checked exactly
 # while it is stored) rather than to the whole request body.
 MULTIPART_OVERHEAD = 1 << 20
-
-
-def check_filename(filename: str) -> None:
-    if len(filename) > MAX_FILENAME:
-        raise ApiError(400, "invalid_request", f"the file name must be at most {MAX_FILENAME} characters", "file")
-    if not storable(filename) or any(ord(c) < 32 or ord(c) == 127 for c in filename):
-        raise ApiError(400, "invalid_request", "the file name must not contain control characters", "file")
 
 
 def file_object(file: File) -> dict:
@@ -51,18 +41,9 @@ def upload_file():
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ApiError(400, "invalid_request", "the multipart field 'file' is required", "file")
-    check_filename(upload.filename)
-    store = platform().artifacts
-    file_id = new_id("file")
-    blob = store.write_stream(store.file_path(file_id), upload.stream, platform().settings.max_upload_bytes)
-    try:
-        with blob.path.open("rb") as stored:
-            records = CHECKS[purpose](stored, upload.filename)
-        with unit_of_work() as session:
-            file = repository.create_file(session, owner(), purpose, upload.filename, blob, records, file_id=file_id)
-    except BaseException:
-        store.delete(blob.path)
-        raise
+    settings = platform().settings
+    file = uploads.upload_file(platform().sessions, platform().artifacts, owner(), purpose, upload.filename, upload.stream,
+                       settings.max_upload_bytes)
     return file_object(file), 201
 
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any, Iterator
 
 from flask import Response, request
-from pydantic import TypeAdapter
 from werkzeug.exceptions import BadRequest
 
 from jobs import repository
@@ -14,37 +12,16 @@ from jobs.db import session_scope
 from jobs.errors import BrokerUnavailable, Conflict
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
 from jobs.queue import enqueue
+from jobs.specs import JOB_SPEC
+from jobs.submission import submit_job as submit
+from jobs.models import NAME_LENGTH
+from jobs.text import check_name, storable
 
-from .context import owner, page, paging, platform, storable, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
-from .schemas import FinetuneJobRequest, GenerateJobRequest, JobRequest, TrainJobRequest
 
 jobs = v1_blueprint("jobs")
-JOB_REQUEST = TypeAdapter(JobRequest)
 RESULTS_PAGE = 100
-
-
-def draw_seed() -> int:
-    return secrets.randbits(63)
-
-
-def resolve(spec: TrainJobRequest | FinetuneJobRequest | GenerateJobRequest) -> tuple[dict, dict]:
-    """The job's params with every default filled in (seeds drawn now), and its file/model references."""
-    if isinstance(spec, GenerateJobRequest):
-        limit = platform().settings.max_inline_prompts
-        if spec.prompts is not None and len(spec.prompts) > limit:
-            raise ApiError(422, "invalid_request", f"prompts: at most {limit} inline prompts; upload an input_file "
-                           "for more", "prompts")
-        sampling = spec.sampling.model_dump()
-        sampling["seed"] = draw_seed() if sampling["seed"] is None else sampling["seed"]
-        params = {"model": spec.model, "sampling": sampling, "prompts": spec.prompts}
-        return params, {"input_file_id": spec.input_file, "base_model_id": spec.model}
-    params = spec.model_dump(exclude={"type", "training_file", "validation_file", "metadata"})
-    params["seed"] = draw_seed() if params["seed"] is None else params["seed"]
-    refs = {"training_file_id": spec.training_file, "validation_file_id": spec.validation_file}
-    if isinstance(spec, FinetuneJobRequest):
-        refs["base_model_id"] = spec.model
-    return params, refs
 
 
 def default_progress(job: Job) -> dict[str, Any]:
@@ -92,7 +69,8 @@ def json_body() -> Any:
 
 
 def check_text(body: Any) -> None:
-    """422 naming the first string (key or value) the database could not store (NUL, unpaired surrogate)."""
+    """422 naming the first string (key or value) that is not text (an unpaired surrogate). NUL is text: the
+    columns that keep users' words store it (jobs.text); identifiers refuse it by their own patterns."""
     stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
     while stack:
         value, path = stack.pop()
@@ -109,8 +87,7 @@ def check_text(body: Any) -> None:
 
 def unstorable(path: tuple[str, ...]) -> ApiError:
     param = ".".join(part if storable(part) else ascii(part) for part in path) or "body"
-    return ApiError(422, "invalid_request", f"{param}: text must not contain NUL characters or unpaired "
-                    "surrogates", param)
+    return ApiError(422, "invalid_request", f"{param}: text must not contain unpaired surrogates", param)
 
 
 @jobs.post("/jobs")
@@ -121,16 +98,15 @@ def submit_job():
         raise ApiError(422, "invalid_request", "body: the job must be a JSON object", "body")
     if "type" not in body:
         raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
-    spec = JOB_REQUEST.validate_python(body)
-    params, refs = resolve(spec)
+    spec = JOB_SPEC.validate_python(body)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise ApiError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters.", "Idempotency-Key")
+    if key is not None and (problem := check_name(key, "Idempotency-Key", NAME_LENGTH)):
+        raise ApiError(400, "invalid_request", f"{problem}.", "Idempotency-Key")
     try:
         with unit_of_work() as session:
-            job, created = repository.create_job(
-                session, owner(), spec.type, params, **refs, metadata=spec.metadata, idempotency_key=key,
-                request_hash=repository.hash_request(body) if key is not None else None,
+            job, created = submit(
+                session, owner(), spec, max_inline_prompts=platform().settings.max_inline_prompts,
+                idempotency_key=key, request_hash=repository.hash_request(body) if key is not None else None,
             )
             shown = job_object(job)
     except Conflict as exc:
@@ -146,7 +122,7 @@ def submit_job():
             with unit_of_work() as session:
                 session.delete(session.get(Job, job.id))
             raise ApiError(503, "broker_unavailable", "The job queue cannot be reached; nothing was submitted. "
-                           "Try again shortly.")
+                           "Try again shortly.") from None
     return shown, 202, {"Location": f"/v1/jobs/{job.id}"}
 
 

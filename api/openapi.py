@@ -10,7 +10,8 @@ from pydantic import TypeAdapter
 from jobs.models import JOB_TYPES
 from jobs.states import STATUSES
 
-from .schemas import FILE_PURPOSES, JobRequest
+from jobs.models import FILE_PURPOSES
+from jobs.specs import JobSpec as JobRequest
 
 openapi = Blueprint("openapi", __name__)
 
@@ -104,7 +105,7 @@ def document() -> dict[str, Any]:
         view = current_app.view_functions[rule.endpoint]
         path = rule.rule.replace("<", "{").replace(">", "}")
         summary = (view.__doc__ or rule.endpoint).strip().splitlines()[0]
-        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             spec = operation(rule.endpoint, method.lower(), summary, sorted(rule.arguments))
             if not rule.rule.startswith("/v1/"):
                 spec["security"] = []

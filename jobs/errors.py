@@ -35,6 +35,17 @@ class InvalidInput(DomainError):
         super().__init__(message, param)
 
 
+class InvalidRequest(InvalidInput):
+    """A field of the request breaks a rule that the request's schema alone cannot tell (a limit that depends on
+    settings or on a referenced model). The API answers 422, or 400 for a multipart form field (`status`)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None, status: int = 422) -> None:
+        super().__init__(message, param)
+        self.status = status
+
+
 class TooLarge(InvalidInput):
     """An upload exceeded its size limit."""
 

@@ -298,7 +298,8 @@ def _end_job(session: Session, job: Job, status: str, *, result: dict[str, Any] 
     _clear_lease(job)
     _release_running_shards(session, job)
     if status == FAILED:
-        add_event(session, job.id, message or f"Job failed: {body['message']}", level="error", data=body)
+        add_event(session, job.id, message or f"Job failed: {body['message'] if body else 'unknown error'}",
+                  level="error", data=body)
     elif status == SUCCEEDED:
         add_event(session, job.id, message or "Job succeeded")
     else:
@@ -533,7 +534,7 @@ def claim_shard(session: Session, job_id: str, worker_id: str, lease_seconds: fl
 
 
 def renew_shard(session: Session, job_id: str, index: int, worker_id: str, lease_seconds: float,
-                now: datetime | None = None) -> str:
+                now: datetime | None = None) -> str | None:
     """Extend `worker_id`'s lease on the shard and return the job's status (watch for "cancelling").
     LeaseLost when the shard is not running under this worker any more (taken over, released, done, gone)."""
     now = _now(now)
@@ -651,4 +652,4 @@ def shards_remaining(session: Session, job_id: str, *, include_done: bool = Fals
     stmt = select(func.count()).select_from(GenerationShard).where(GenerationShard.job_id == job_id)
     if not include_done:
         stmt = stmt.where(GenerationShard.status != SHARD_DONE)
-    return session.scalar(stmt)
+    return session.scalar(stmt) or 0

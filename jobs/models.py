@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -24,26 +23,21 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from jobs.states import QUEUED, STATUSES
+from jobs.text import StoredJSON, StoredText
 
 ID_LENGTH = 40  # the longest prefix ("model-") plus 24 characters, with room to spare
+#: The length limit of every name-like column (owner, file name, model name, custom_id, idempotency key):
+#: checked at the door with jobs.text.check_name, so no database ever refuses one.
+NAME_LENGTH = 255
 FILE_PURPOSES = ("train", "generate")
-#: A training file with one of these suffixes is JSONL ({"text": ...} per line); any other is plain text.
-JSONL_SUFFIXES = (".jsonl", ".json")
 JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
 MODEL_SOURCES = ("job", "import")
 SHARD_STATUSES = ("pending", "running", "done")
-
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-def is_jsonl(filename: str) -> bool:
-    return filename.lower().endswith(JSONL_SUFFIXES)
 
 
 def new_id(prefix: str) -> str:
@@ -91,8 +85,9 @@ class Base(DeclarativeBase):
     )
     type_annotation_map = {
         datetime: UTCDateTime(),
-        dict[str, Any]: JSONType,
-        list[Any]: JSONType,
+        # Lossless for any text and float on every database (jobs.text): users' and models' words live here.
+        dict[str, Any]: StoredJSON(),
+        list[Any]: StoredJSON(),
     }
 
 
@@ -100,7 +95,7 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=lambda: new_id("key"))
-    owner: Mapped[str] = mapped_column(String(255), index=True)
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -115,9 +110,9 @@ class File(Base):
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=lambda: new_id("file"))
-    owner: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
     purpose: Mapped[str] = mapped_column(String(16))
-    filename: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(NAME_LENGTH))
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     records: Mapped[int] = mapped_column(Integer)
@@ -133,8 +128,8 @@ class Model(Base):
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=lambda: new_id("model"))
-    owner: Mapped[str] = mapped_column(String(255))
-    name: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     source: Mapped[str] = mapped_column(String(16))
     # use_alter: jobs and models reference each other, so this key is added after both tables exist.
     job_id: Mapped[str | None] = mapped_column(
@@ -157,7 +152,7 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=lambda: new_id("job"))
-    owner: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
     type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=QUEUED)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -170,9 +165,9 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None]
     attempts: Mapped[int] = mapped_column(default=0)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_key: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     lease_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -191,7 +186,7 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(16), default="info")
     type: Mapped[str] = mapped_column(String(16), default="message")
-    message: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(StoredText)
     data: Mapped[dict[str, Any] | None]
 
 
@@ -214,8 +209,8 @@ class GenerationResult(Base):
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    custom_id: Mapped[str | None] = mapped_column(String(255))
-    prompt: Mapped[str] = mapped_column(Text)
+    custom_id: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    prompt: Mapped[str] = mapped_column(StoredText)
     completions: Mapped[list[Any]]
     usage: Mapped[dict[str, Any]]
     error: Mapped[dict[str, Any] | None]
@@ -233,7 +228,7 @@ class GenerationShard(Base):
     start: Mapped[int]
     stop: Mapped[int]  # exclusive
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     lease_expires_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -167,8 +167,9 @@ def list_files(session: Session, owner: str, purpose: str | None = None, after: 
 
 def delete_file(session: Session, owner: str, file_id: str) -> File:
     """Delete the row and return it (remove its storage_path after commit). Conflict while an unfinished job
-    uses the file; finished jobs keep running history with the reference set to NULL."""
-    file = get_file(session, owner, file_id)
+    uses the file; finished jobs keep running history with the reference set to NULL. The file row is locked
+    first, so a job being submitted for it either commits before (and this sees it) or finds no file."""
+    file = _get_owned(session, File, owner, file_id, "file", for_update=True)
     in_use = session.scalars(
         select(Job.id)
         .where(
@@ -188,12 +189,26 @@ def delete_file(session: Session, owner: str, file_id: str) -> File:
 
 
 def _check_file_reference(session: Session, owner: str, file_id: str, purpose: str, param: str) -> File:
-    file = session.scalars(select(File).where(File.id == file_id, File.owner == owner)).one_or_none()
+    """The referenced file, share-locked until the job's transaction ends: a concurrent delete (which locks the
+    row for update) waits and then sees the job, or deletes first and this finds no file. Never both."""
+    file = session.scalars(
+        select(File).where(File.id == file_id, File.owner == owner).with_for_update(read=True)
+    ).one_or_none()
     if file is None:
         raise InvalidInput(f"No file with id {file_id!r}", param=param)
     if file.purpose != purpose:
         raise InvalidInput(f"File {file_id!r} has purpose {file.purpose!r}; {param} needs {purpose!r}", param=param)
     return file
+
+
+def _check_model_reference(session: Session, owner: str, model_id: str) -> Model:
+    """The referenced model, share-locked like a file (see _check_file_reference)."""
+    model = session.scalars(
+        select(Model).where(Model.id == model_id, Model.owner == owner).with_for_update(read=True)
+    ).one_or_none()
+    if model is None:
+        raise InvalidInput(f"No model with id {model_id!r}", param="model")
+    return model
 
 
 def _find_idempotent(session: Session, owner: str, idempotency_key: str, request_hash: str) -> Job | None:
@@ -228,6 +243,7 @@ def create_job(
     if (idempotency_key is None) != (request_hash is None):
         raise ValueError("idempotency_key and request_hash go together")
     if idempotency_key is not None:
+        assert request_hash is not None
         existing = _find_idempotent(session, owner, idempotency_key, request_hash)
         if existing is not None:
             return existing, False
@@ -248,10 +264,8 @@ def create_job(
             file = _check_file_reference(session, owner, file_id, purpose, param)
             if param == "input_file":
                 progress = {"total": file.records, "completed": 0, "failed": 0}
-    if base_model_id is not None and session.scalars(
-        select(Model.id).where(Model.id == base_model_id, Model.owner == owner)
-    ).one_or_none() is None:
-        raise InvalidInput(f"No model with id {base_model_id!r}", param="model")
+    if base_model_id is not None:
+        _check_model_reference(session, owner, base_model_id)
 
     job = Job(
         id=new_id("job"),
@@ -274,7 +288,7 @@ def create_job(
             session.add(JobEvent(job_id=job.id, message=f"Created {type} job {job.id}"))
     except IntegrityError:
         # A concurrent request with the same idempotency key won the insert.
-        if idempotency_key is None:
+        if idempotency_key is None or request_hash is None:
             raise
         existing = _find_idempotent(session, owner, idempotency_key, request_hash)
         if existing is None:
@@ -382,8 +396,8 @@ def list_models(session: Session, owner: str, after: str | None = None,
 
 def delete_model(session: Session, owner: str, model_id: str) -> Model:
     """Delete the row and return it (remove its storage_path after commit). Conflict while an unfinished job
-    builds on it."""
-    model = get_model(session, owner, model_id)
+    builds on it. Locks the model row first, as delete_file does."""
+    model = _get_owned(session, Model, owner, model_id, "model", for_update=True)
     in_use = session.scalars(
         select(Job.id).where(Job.base_model_id == model_id, Job.status.not_in(TERMINAL)).limit(1)
     ).first()

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from jobs.errors import TooLarge
 
@@ -53,7 +53,7 @@ class ArtifactStore:
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "checkpoints"
 
-    def write_stream(self, dest: Path, stream: BinaryIO, max_bytes: int) -> StoredBlob:
+    def write_stream(self, dest: Path, stream: IO[bytes], max_bytes: int) -> StoredBlob:
         """Copy `stream` to `dest` in chunks, hashing and counting as it goes; memory use is one chunk.
 
         Raises TooLarge (and leaves nothing behind) once more than `max_bytes` arrive.

@@ -9,26 +9,32 @@ the job cancelling, ends the job.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2core import GPT2, GPT2Tokenizer, SamplingParams, generate
-from jobs import execution
+from gpt2core import GPT2, GPT2Tokenizer, generate
+from gpt2core.generation import Completion, GenerationResult
+from jobs import execution, repository
+from jobs.errors import DomainError
 from jobs.models import File, Job, Model
 from jobs.queue import enqueue
+from jobs.readers import read_generation_file
+from jobs.specs import GenerateSpec, Sampling, job_spec
 from jobs.states import RUNNING
 
+from .convert import sampling_params
 from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
 
 log = logging.getLogger("workers.generation")
 
 MAX_FANOUT = 64  # extra messages sent for one job
 IDLE_POLL_SECONDS = 1.0  # how often the job's claimer looks again while other workers finish shards
+MAX_SHARD_ATTEMPTS = 3  # a shard that fails for infrastructure reasons this often fails its job
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,8 @@ class Item:
     index: int
     custom_id: str | None
     prompt: str
-    sampling: dict[str, Any]  # this line's overrides of the job's sampling
+    sampling: Sampling  # the job's sampling with this line's overrides
+    explicit_seed: bool  # the line set its own seed
 
 
 class ModelCache:
@@ -71,17 +78,20 @@ def tokenizer() -> GPT2Tokenizer:
 
 
 def load_items(job: Job, input_file: File | None) -> list[Item]:
-    if job.params.get("prompts") is not None:
-        return [Item(i, None, prompt, {}) for i, prompt in enumerate(job.params["prompts"])]
-    if input_file is None:
-        raise JobFailure("invalid_file", "The input file was deleted before the job ran.", "input_file")
-    items = []
-    with open(input_file.storage_path, encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                record = json.loads(line)
-                items.append(Item(len(items), record["custom_id"], record["prompt"], record.get("sampling", {})))
-    return items
+    """The job's prompts with their sampling, read from the job or by the same reader the upload check ran."""
+    try:
+        spec = job_spec(job)
+    except DomainError as exc:
+        raise JobFailure("invalid_file", exc.message, exc.param) from None
+    assert isinstance(spec, GenerateSpec)
+    if spec.prompts is not None:
+        return [Item(i, None, prompt, spec.sampling, False) for i, prompt in enumerate(spec.prompts)]
+    assert input_file is not None
+    with open(input_file.storage_path, "rb") as stream:
+        return [Item(line.index, line.custom_id, line.prompt,
+                     spec.sampling.merged(line.sampling) if line.sampling else spec.sampling,
+                     line.sampling is not None and line.sampling.seed is not None)
+                for line in read_generation_file(stream, input_file.filename)]
 
 
 def item_seed(job_seed: int, index: int) -> int:
@@ -90,45 +100,73 @@ def item_seed(job_seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def error_result(item: Item, code: str, message: str, param: str) -> dict[str, Any]:
+def error_result(item: Item, code: str, message: str, param: str | None) -> dict[str, Any]:
     return {"index": item.index, "custom_id": item.custom_id, "prompt": item.prompt, "completions": [],
             "usage": {}, "error": {"code": code, "message": message, "param": param}}
 
 
-def generate_items(model: GPT2, job_sampling: dict[str, Any], items: list[Item]) -> list[dict[str, Any]]:
-    """One result per item, in order: completions, or an error for an item that cannot run (the rest go on)."""
+def completion_result(item: Item, output: GenerationResult) -> dict[str, Any]:
+    completion_tokens = sum(c.num_tokens for c in output.completions)
+    return {
+        "index": item.index, "custom_id": item.custom_id, "prompt": item.prompt,
+        "completions": [completion_object(i, c) for i, c in enumerate(output.completions)],
+        "usage": {"prompt_tokens": output.prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": output.prompt_tokens + completion_tokens, "seed": output.seed},
+        "error": None,
+    }
+
+
+def completion_object(index: int, completion: Completion) -> dict[str, Any]:
+    """`text` is the decoded completion (byte sequences that are not UTF-8 read as U+FFFD); `token_ids` are the
+    exact tokens generated, the end-of-text or stop token included, from which the exact bytes follow."""
+    return {"index": index, "text": completion.text, "finish_reason": completion.finish_reason,
+            "tokens": completion.num_tokens, "token_ids": list(completion.token_ids)}
+
+
+def generate_items(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str, Any]]:
+    """One result per item, in order: completions, or that item's error. Nothing one prompt does (bad sampling,
+    a prompt too long, any exception while generating or decoding it) fails the others: a failed batch is run
+    again prompt by prompt (each prompt's seed makes its completions the same either way)."""
     tok = tokenizer()
     results: dict[int, dict[str, Any]] = {}
-    runnable: list[tuple[Item, SamplingParams]] = []
+    runnable = []
     for item in items:
-        sampling = {**job_sampling, **item.sampling}
-        if item.sampling.get("seed") is None:
-            sampling["seed"] = item_seed(job_sampling["seed"], item.index)
         try:
-            params = SamplingParams.from_dict(sampling)
-        except (TypeError, ValueError) as exc:
-            results[item.index] = error_result(item, "invalid_sampling", str(exc), "sampling")
+            seed = item.sampling.seed if item.explicit_seed else item_seed(item.sampling.seed or 0, item.index)
+            params = sampling_params(item.sampling, seed)
+            prompt_tokens = max(len(tok.encode(item.prompt)), 1)
+        except Exception as exc:
+            results[item.index] = item_failure(item, job_id, exc)
             continue
-        prompt_tokens = max(len(tok.encode(item.prompt)), 1)
         if prompt_tokens + params.max_new_tokens > model.config.block_size:
             results[item.index] = error_result(
                 item, "prompt_too_long", f"The prompt has {prompt_tokens} tokens; with max_new_tokens "
                 f"{params.max_new_tokens} that exceeds the model's context of {model.config.block_size}.", "prompt")
             continue
         runnable.append((item, params))
-    if runnable:
+    try:
         outputs = generate(model, tok, [item.prompt for item, _ in runnable], [params for _, params in runnable])
-        for (item, _), output in zip(runnable, outputs):
-            completion_tokens = sum(c.num_tokens for c in output.completions)
-            results[item.index] = {
-                "index": item.index, "custom_id": item.custom_id, "prompt": item.prompt,
-                "completions": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                                 "tokens": c.num_tokens} for i, c in enumerate(output.completions)],
-                "usage": {"prompt_tokens": output.prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": output.prompt_tokens + completion_tokens, "seed": output.seed},
-                "error": None,
-            }
+        results.update((item.index, completion_result(item, output)) for (item, _), output in zip(runnable, outputs))
+    except Exception:
+        log.warning("job %s: a batch of %d prompts failed; running them one by one", job_id, len(runnable),
+                    exc_info=True)
+        for item, params in runnable:
+            try:
+                results[item.index] = completion_result(item, generate(model, tok, [item.prompt], [params])[0])
+            except Exception as exc:
+                results[item.index] = item_failure(item, job_id, exc)
     return [results[item.index] for item in items]
+
+
+def item_failure(item: Item, job_id: str, exc: Exception) -> dict[str, Any]:
+    """The error line of one prompt that raised: invalid sampling is the user's; anything else gets a reference
+    id that the worker's log shows next to the traceback."""
+    if isinstance(exc, (TypeError, ValueError)) and "SamplingParams" in str(exc):
+        return error_result(item, "invalid_sampling", str(exc), "sampling")
+    reference = f"err-{secrets.token_hex(6)}"
+    log.error("job %s: prompt %d failed (reference %s)", job_id, item.index, reference, exc_info=exc)
+    return error_result(item, "generation_failed", f"Generating this prompt failed (reference {reference}).",
+                        None)
 
 
 def run_generation(rt: Runtime, job_id: str) -> None:
@@ -143,13 +181,13 @@ def run_generation(rt: Runtime, job_id: str) -> None:
             return
         model = session.get(Model, job.base_model_id) if job.base_model_id else None
         input_file = session.get(File, job.input_file_id) if job.input_file_id else None
+    paths = {input_file.storage_path: input_file.filename} if input_file is not None else {}
     if not claimed:
         try:
             work_on_shards(rt, job, model, input_file, stay=False)
         except Exception as exc:
-            log.exception("job %s failed", job_id)
             with rt.transaction() as session:
-                execution.finish_generation(session, job_id, error=error_for(exc))
+                execution.finish_generation(session, job_id, error=error_for(exc, job_id, paths))
         return
 
     def renew(session) -> str:
@@ -165,9 +203,8 @@ def run_generation(rt: Runtime, job_id: str) -> None:
             log.info("job %s: %d prompts in %d shards", job_id, len(items), shards)
             work_on_shards(rt, job, model, input_file, stay=True, items=items)
         except Exception as exc:
-            log.exception("job %s failed", job_id)
             with rt.transaction() as session:
-                execution.finish_generation(session, job_id, error=error_for(exc))
+                execution.finish_generation(session, job_id, error=error_for(exc, job_id, paths))
 
 
 def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: File | None, stay: bool,
@@ -179,6 +216,7 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
         with rt.transaction() as session:
             shard = execution.claim_shard(session, job.id, rt.worker_id, lease_seconds)
             span = None if shard is None else (shard.index, shard.start, shard.stop)
+            attempts = 0 if shard is None else shard.attempts
             if span is None:
                 status = session.get(Job, job.id).status
                 remaining = execution.shards_remaining(session, job.id)
@@ -201,7 +239,20 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
         def renew(session, index=index) -> str:
             return execution.renew_shard(session, job.id, index, rt.worker_id, lease_seconds)
 
-        with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):
-            results = generate_items(model, job.params["sampling"], items[start:stop])
-        rt.retrying(lambda session: execution.complete_shard(session, job.id, index, rt.worker_id, results))
+        try:
+            with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):
+                results = generate_items(model, job.id, items[start:stop])
+            rt.retrying(lambda session, index=index, results=results: execution.complete_shard(
+                session, job.id, index, rt.worker_id, results))
+        except Exception as exc:
+            # Not a prompt's fault (those become error lines): the machine, the database. Try the shard again.
+            if attempts >= MAX_SHARD_ATTEMPTS:
+                raise
+            log.warning("job %s: shard %d failed (attempt %d of %d); it will be retried", job.id, index, attempts,
+                        MAX_SHARD_ATTEMPTS, exc_info=True)
+            with rt.transaction() as session:
+                execution.release_shard(session, job.id, index, rt.worker_id)
+                repository.add_event(session, job.id, f"Shard {index} failed ({type(exc).__name__}); retrying "
+                                     f"(attempt {attempts} of {MAX_SHARD_ATTEMPTS})", level="warning")
+            continue
         log.info("job %s: shard %d done (%d items)", job.id, index, stop - start)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import socket
 import threading
 import time
@@ -137,17 +139,38 @@ class JobFailure(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-def error_for(exc: BaseException) -> dict[str, Any]:
-    """The job's `error` for an exception: a stable code, a message and the parameter it is about."""
-    if isinstance(exc, JobFailure):
-        return {"code": exc.code, "message": exc.message, "param": exc.param}
+SERVER_PATH = re.compile(r"(?:/[\w.@+=-]+){2,}/?")
+
+
+def user_message(text: str, paths: dict[str, str] | None = None) -> str:
+    """`text` without server paths: a known path becomes what the user knows it as, any other absolute path
+    "<server path>"."""
+    for path, name in sorted((paths or {}).items(), key=lambda item: -len(item[0])):
+        text = re.sub(re.escape(path) + r":(\d+): ", lambda m, name=name: f"{name}: line {m.group(1)}: ", text)
+        text = text.replace(f"{path}: ", f"{name}: ").replace(path, name)
+    return SERVER_PATH.sub("<server path>", text)
+
+
+def error_for(exc: BaseException, job_id: str, paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's `error` for an exception: a stable code, a message of the user's own (no SQL, traceback or
+    server path) and the parameter it is about. Every failure is logged with its traceback; an internal error's
+    message names a reference id that the log line carries too."""
     from gpt2core import CheckpointError, DatasetError
 
-    if isinstance(exc, DatasetError):
-        return {"code": "invalid_file", "message": str(exc), "param": "training_file"}
-    if isinstance(exc, CheckpointError):
-        return {"code": "invalid_model", "message": str(exc), "param": "model"}
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return {"code": "out_of_memory", "message": f"The job ran out of memory: {exc}. Try a smaller batch_size "
-                "(with more grad_accum_steps) or a smaller model.", "param": "hyperparameters.batch_size"}
-    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None}
+    if isinstance(exc, JobFailure):
+        error = {"code": exc.code, "message": user_message(exc.message, paths), "param": exc.param}
+    elif isinstance(exc, DatasetError):
+        error = {"code": "invalid_file", "message": user_message(str(exc), paths), "param": "training_file"}
+    elif isinstance(exc, CheckpointError):
+        error = {"code": "invalid_model", "message": user_message(str(exc), paths), "param": "model"}
+    elif isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        error = {"code": "out_of_memory", "message": "The job ran out of memory. Try a smaller batch_size (with more "
+                 "grad_accum_steps) or a smaller model.", "param": "hyperparameters.batch_size"}
+    else:
+        reference = f"err-{secrets.token_hex(6)}"
+        log.error("job %s: internal error %s", job_id, reference, exc_info=exc)
+        return {"code": "internal_error", "message": f"An internal error stopped the job (reference {reference}; "
+                "the operators find the details under it in the worker's log).", "param": None,
+                "reference": reference}
+    log.warning("job %s failed: %s", job_id, error["code"], exc_info=exc)
+    return error

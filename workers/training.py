@@ -14,13 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from gpt2core import GPT2, GPT2Config, GPT2Tokenizer, Trainer, TrainConfig, load_dataset, prepare_dataset
+from gpt2core import GPT2, GPT2Tokenizer, Trainer, load_dataset, prepare_dataset
 from gpt2core.data import FORMAT_VERSION, DatasetError, PreparedDataset
 from gpt2core.train import StepMetrics, TrainerCallback, latest_checkpoint
 from jobs import execution, repository
-from jobs.models import File, Job, Model, is_jsonl
+from jobs.errors import DomainError
+from jobs.models import File, Job, Model
+from jobs.readers import is_jsonl
+from jobs.specs import FinetuneSpec, TrainSpec, job_spec
 from jobs.states import CANCELLED, FAILED, SUCCEEDED
 
+from .convert import model_config, new_model, train_config
 from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
 
 log = logging.getLogger("workers.training")
@@ -51,31 +55,33 @@ def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
             return load_dataset(folder)
         except DatasetError:
             pass
-        # The format the upload was checked as (gpt2core's own guess also takes .ndjson for JSONL).
+        # The format the upload was checked as, read by the same gpt2core.corpus functions.
         prepare_dataset([Path(file.storage_path)], folder, val_fraction=val_fraction,
                         format="jsonl" if is_jsonl(file.filename) else "text")
         return load_dataset(folder)
 
 
-def total_steps(hyper: dict[str, Any], train_tokens: int, block_size: int) -> int:
-    if hyper.get("max_steps") is not None:
-        return hyper["max_steps"]
-    per_step = hyper["batch_size"] * hyper["grad_accum_steps"] * block_size
-    return max(1, math.ceil(hyper["n_epochs"] * train_tokens / per_step))
+def total_steps(spec: TrainSpec, train_tokens: int, block_size: int) -> int:
+    hyper = spec.hyperparameters
+    if hyper.max_steps is not None:
+        return hyper.max_steps
+    assert hyper.n_epochs is not None  # the spec gives one of the two
+    per_step = hyper.batch_size * hyper.grad_accum_steps * block_size
+    return max(1, math.ceil(hyper.n_epochs * train_tokens / per_step))
 
 
-def build_model(rt: Runtime, job: Job) -> tuple[GPT2, str]:
-    """The model to train and the base of its name: a preset or shape from scratch, or a registered model."""
-    spec = job.params["model"]
-    if job.type == "finetune":
+def build_model(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[GPT2, str]:
+    """The model to train and the base of its name: a preset or shape from scratch (initial weights drawn from
+    the job's seed), or a registered model."""
+    if isinstance(spec, FinetuneSpec):
         with rt.transaction() as session:
             base = session.get(Model, job.base_model_id) if job.base_model_id else None
             if base is None or not Path(base.storage_path, "config.json").is_file():
-                raise JobFailure("model_not_found", f"The base model {spec!r} no longer exists.", "model")
+                raise JobFailure("model_not_found", f"The base model {spec.model!r} no longer exists.", "model")
             return GPT2.from_pretrained(base.storage_path), base.name
-    if isinstance(spec, str):
-        return GPT2(GPT2Config.preset(spec)), spec
-    return GPT2(GPT2Config(**spec)), f"gpt2-{spec['n_layer']}x{spec['n_embd']}"
+    assert spec.seed is not None  # drawn at submission
+    name = spec.model if isinstance(spec.model, str) else spec.model.name
+    return new_model(model_config(spec.model), spec.seed), name
 
 
 class JobReporter(TrainerCallback):
@@ -88,10 +94,11 @@ class JobReporter(TrainerCallback):
         self.val_loss: float | None = None
         self.last_write = 0.0
 
-    def event(self, message: str, type: str = "message", data: dict[str, Any] | None = None) -> None:
+    def event(self, message: str, type: str = "message", data: dict[str, Any] | None = None,
+              level: str = "info") -> None:
         if not self.lease.lost:
             with self.rt.transaction() as session:
-                repository.add_event(session, self.job_id, message, type=type, data=data)
+                repository.add_event(session, self.job_id, message, type=type, data=data, level=level)
 
     def on_step(self, metrics: StepMetrics) -> None:
         now = time.monotonic()
@@ -136,7 +143,7 @@ class JobReporter(TrainerCallback):
         return self.lease.should_stop
 
 
-def register_model(rt: Runtime, job: Job, model: GPT2, base_name: str) -> str:
+def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_name: str) -> str:
     """Save the trained model in Hugging Face format and register it; a retry finds the same model id."""
     model_id = execution.model_id_for_job(job.id)
     final = rt.artifacts.model_dir(model_id)
@@ -145,11 +152,10 @@ def register_model(rt: Runtime, job: Job, model: GPT2, base_name: str) -> str:
     model.save_pretrained(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    suffix = job.params.get("suffix") or job.id.removeprefix("job-")[:8]
     config = json.loads((final / "config.json").read_text())  # as for imported models: Hugging Face's config
     with rt.transaction() as session:
         registered = execution.register_job_model(
-            session, job.id, f"{base_name}:{suffix}", str(final), config, model.num_parameters())
+            session, job.id, spec.model_name(base_name, job.id), str(final), config, model.num_parameters())
         return registered.id
 
 
@@ -172,8 +178,7 @@ def run_training(rt: Runtime, job_id: str) -> None:
         try:
             outcome = train(rt, job, training_file, validation_file, lease)
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            outcome = (FAILED, None, error_for(exc))
+            outcome = (FAILED, None, error_for(exc, job_id, user_paths(training_file, validation_file)))
         if lease.lost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return
@@ -185,26 +190,25 @@ def run_training(rt: Runtime, job_id: str) -> None:
 
 def train(rt: Runtime, job: Job, training_file: File | None, validation_file: File | None,
           lease: LeaseKeeper) -> tuple[str, dict | None, dict | None]:
-    if training_file is None:
-        raise JobFailure("invalid_file", "The training file was deleted before the job ran.", "training_file")
+    try:
+        spec = job_spec(job)
+    except DomainError as exc:
+        raise JobFailure("invalid_file", exc.message, exc.param) from None
+    assert isinstance(spec, TrainSpec) and training_file is not None and spec.seed is not None
     dataset = prepared(rt, training_file, 0.0 if validation_file else VAL_FRACTION)
     val_tokens = prepared(rt, validation_file, 0.0).train if validation_file else dataset.val
-    model, base_name = build_model(rt, job)
+    model, base_name = build_model(rt, job, spec)
     block_size = model.config.block_size
     if dataset.train.size <= block_size:
         raise JobFailure("invalid_file", f"The training file has {dataset.train.size} training tokens; the model "
                          f"needs more than its block_size ({block_size}).", "training_file")
-    hyper = job.params["hyperparameters"]
-    steps = total_steps(hyper, int(dataset.train.size), block_size)
+    steps = total_steps(spec, int(dataset.train.size), block_size)
     has_val = val_tokens.size > block_size
-    config = TrainConfig(
-        max_steps=steps, batch_size=hyper["batch_size"], grad_accum_steps=hyper["grad_accum_steps"],
-        learning_rate=hyper["learning_rate"], warmup_steps=min(hyper["warmup_steps"], steps),
-        weight_decay=hyper["weight_decay"], eval_every=hyper["eval_every"] if has_val else 0,
-        checkpoint_every=hyper["checkpoint_every"], checkpoint_dir=rt.artifacts.checkpoint_dir(job.id),
-        sample_every=hyper["sample_every"], seed=job.params["seed"],
-    )
+    config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
+                          checkpoint_dir=rt.artifacts.checkpoint_dir(job.id))
     reporter = JobReporter(rt, job.id, lease, steps)
+    for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
+        reporter.event(message, level="warning")
     trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter])
     resume_from = latest_checkpoint(config.checkpoint_dir)
     if resume_from is not None:
@@ -216,6 +220,31 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     result = trainer.fit()
     if result.stopped:
         return CANCELLED, None, None
-    model_id = register_model(rt, job, model, base_name)
+    model_id = register_model(rt, job, spec, model, base_name)
     return SUCCEEDED, {"model": model_id, "steps": result.steps, "train_loss": result.final_loss,
                        "val_loss": result.val_loss}, None
+
+
+def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int, block_size: int) -> list[str]:
+    """Hyperparameters that cannot take effect as given, known only once the data is read (warning events)."""
+    hyper = spec.hyperparameters
+    found = []
+    if hyper.eval_every and not has_val:
+        source = "validation_file" if spec.validation_file else f"the {VAL_FRACTION:.0%} held out of the training file"
+        found.append(f"hyperparameters.eval_every {hyper.eval_every}: no evaluation will run: {source} has "
+                     f"{val_tokens} tokens, the model needs more than its block_size ({block_size})")
+    if hyper.warmup_steps and hyper.warmup_steps > steps:
+        found.append(f"hyperparameters.warmup_steps {hyper.warmup_steps} is more than the run's {steps} steps: "
+                     f"warmup is cut to {steps}")
+    if hyper.n_epochs is not None:
+        for field in ("eval_every", "checkpoint_every", "sample_every"):
+            every = getattr(hyper, field)
+            if every > steps and not (field == "eval_every" and not has_val):
+                found.append(f"hyperparameters.{field} {every} is more than the run's {steps} steps "
+                             f"({hyper.n_epochs:g} epochs): it will never happen")
+    return found
+
+
+def user_paths(*files: File | None) -> dict[str, str]:
+    """Server paths that may appear in an error, and what the user knows them as."""
+    return {file.storage_path: file.filename for file in files if file is not None}

@@ -28,7 +28,7 @@ def kept(helper, auth):
     [
         (TRAIN_TEXT, "story.txt", "train", 1),
         ("naïve café ☃\r\nno newline at the end".encode(), "unicode.txt", "train", 1),
-        (b'{"text": "first"}\n\n{"text": "second", "source": "web"}\n{"text": ""}\n', "docs.jsonl", "train", 3),
+        (b'{"text": "first"}\n\n{"text": "second", "source": "web"}\n{"text": ""}\n', "docs.jsonl", "train", 2),
         (GENERATE_JSONL, "prompts.jsonl", "generate", 2),
     ],
 )
@@ -91,14 +91,14 @@ def test_longest_file_name_is_kept(helper, auth):
 @pytest.mark.parametrize(
     "purpose, filename, content, message",
     [
-        ("train", "bad.txt", b"fine\nalso fine\n\xff\xfe broken\n", "bad.txt: line 3 is not valid UTF-8"),
-        ("train", "bad.jsonl", b'{"text": "a"}\n\n{"text": \n', "bad.jsonl: line 3 is not valid JSON"),
-        ("train", "bad.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "bad.jsonl: line 2 needs a string field 'text'"),
+        ("train", "bad.txt", b"fine\nalso fine\n\xff\xfe broken\n", "bad.txt: line 3: invalid UTF-8"),
+        ("train", "bad.jsonl", b'{"text": "a"}\n\n{"text": \n', "bad.jsonl: line 3: invalid JSON"),
+        ("train", "bad.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "bad.jsonl: line 2: JSON object has no \"text\" field"),
         ("train", "empty.txt", b"", "empty.txt: the file holds no text"),
-        ("train", "deep.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"\n", "deep.jsonl: line 2 is not valid JSON"),
-        ("train", "big.jsonl", b'{"text": "a", "n": 1' + b"0" * 5000 + b"}\n", "big.jsonl: line 1 is not valid JSON"),
+        ("train", "deep.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"\n", "deep.jsonl: line 2: invalid JSON"),
+        ("train", "big.jsonl", b'{"text": "a", "n": 1' + b"0" * 5000 + b"}\n", "big.jsonl: line 1: invalid JSON"),
         ("generate", "in.jsonl", b'{"custom_id": "a", "prompt": "x"}\n{"custom_id": "b", "prompt": "y"}\n'
-                                 b'{"custom_id": "a", "prompt": "z"}\n', "line 3 repeats custom_id 'a' from line 1"),
+                                 b'{"custom_id": "a", "prompt": "z"}\n', "line 3: repeats custom_id 'a' from line 1"),
         ("generate", "in.jsonl", b'{"custom_id": "a", "prompt": "x"}\n'
                                  b'{"custom_id": "b", "prompt": "y", "sampling": {"temperature": 9}}\n',
          "in.jsonl: line 2: sampling.temperature"),
@@ -106,8 +106,8 @@ def test_longest_file_name_is_kept(helper, auth):
          "in.jsonl: line 1: sampling.top_k: Input should be greater than or equal to 0"),
         ("generate", "in.jsonl", b'{"custom_id": "a", "prompt": "x", "sampling": "hot"}\n',
          "in.jsonl: line 1: sampling: Input should be"),
-        ("generate", "in.jsonl", b'{"custom_id": "a", "prompt": "x"}\n["a list"]\n', "line 2 is not a JSON object"),
-        ("generate", "in.txt", b"a plain prompt\n", "in.txt: line 1 is not valid JSON"),
+        ("generate", "in.jsonl", b'{"custom_id": "a", "prompt": "x"}\n["a list"]\n', "line 2: expected a JSON object"),
+        ("generate", "in.txt", b"a plain prompt\n", "in.txt: line 1: invalid JSON"),
     ],
 )
 def test_bad_lines_are_400_naming_the_first_bad_line(helper, auth, kept, purpose, filename, content, message):

@@ -189,8 +189,15 @@ INVALID_BODIES = {
                    "sampling.top_p"),
     "too many stop strings": ({"type": "generate", "model": "{model}", "prompts": ["a"],
                                "sampling": {"stop": ["a", "b", "c", "d", "e"]}}, "sampling.stop"),
-    "NUL in a prompt": ({"type": "generate", "model": "{model}", "prompts": ["ok", "a\u0000b"]}, "prompts.1"),
-    "NUL in metadata": ({"type": "train", "training_file": "{train}", "metadata": {"k": "\u0000"}}, "metadata.k"),
+    "lone surrogate in a prompt": ({"type": "generate", "model": "{model}", "prompts": ["ok", "a\ud800b"]},
+                                   "prompts.1"),
+    "lone surrogate in metadata": ({"type": "train", "training_file": "{train}", "metadata": {"k": "\udfff"}},
+                                   "metadata.k"),
+    "NUL in a file id": ({"type": "train", "training_file": "file-\u0000"}, "training_file"),
+    "integer as a string": ({"type": "train", "training_file": "{train}", "hyperparameters": {"max_steps": "5"}},
+                            "hyperparameters.max_steps"),
+    "warmup past max_steps": ({"type": "train", "training_file": "{train}",
+                               "hyperparameters": {"max_steps": 10, "warmup_steps": 20}}, "hyperparameters.warmup_steps"),
 }
 
 

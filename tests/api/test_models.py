@@ -1,33 +1,61 @@
 """/v1/models: import (tar, tar.gz, zip), list, get, download, delete; unsafe and invalid archives."""
 import io
 import json
+import math
 import struct
 import tarfile
 import zipfile
 
 import pytest
 
-from api.models import parameter_count
+from gpt2core.checkpoint import _parameter_count
 from jobs import repository
 from jobs.db import session_scope
 from jobs.models import Model
 from jobs.storage import StoredBlob
 
-V, P, C, L, H = 10, 8, 4, 1, 2
+V, P, C, L, H = 50257, 8, 4, 1, 2  # GPT-2's vocabulary; the rest as small as it gets
 CONFIG = {"model_type": "gpt2", "vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": L, "n_head": H}
-TINY_PARAMETERS = 324  # V*C + P*C + L*(244 for C=4, I=16) + 2C
+TINY_PARAMETERS = V * C + P * C + L * 244 + 2 * C  # 244 parameters per layer for C=4, I=16
 
 
-def safetensors(wte_key="transformer.wte.weight", wte_shape=(V, C)) -> bytes:
-    """A valid safetensors file of zeros: wte and wpe only (enough for the header check)."""
-    wte_bytes = wte_shape[0] * wte_shape[1] * 4
-    header = {
-        "__metadata__": {"format": "pt"},
-        wte_key: {"dtype": "F32", "shape": list(wte_shape), "data_offsets": [0, wte_bytes]},
-        "transformer.wpe.weight": {"dtype": "F32", "shape": [P, C], "data_offsets": [wte_bytes, wte_bytes + P * C * 4]},
-    }
+def tensor_shapes(n_inner: int | None = None, prefix: str = "transformer.") -> dict[str, tuple[int, ...]]:
+    """Every tensor GPT2LMHeadModel keeps for CONFIG, in Hugging Face's (Conv1D) layout."""
+    inner = n_inner or 4 * C
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "wpe.weight": (P, C)}
+    for i in range(L):
+        shapes |= {f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,), f"h.{i}.attn.c_attn.weight": (C, 3 * C),
+                   f"h.{i}.attn.c_attn.bias": (3 * C,), f"h.{i}.attn.c_proj.weight": (C, C),
+                   f"h.{i}.attn.c_proj.bias": (C,), f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
+                   f"h.{i}.mlp.c_fc.weight": (C, inner), f"h.{i}.mlp.c_fc.bias": (inner,),
+                   f"h.{i}.mlp.c_proj.weight": (inner, C), f"h.{i}.mlp.c_proj.bias": (C,)}
+    shapes |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+    return {prefix + name: shape for name, shape in shapes.items()}
+
+
+def safetensors(wte_key="transformer.wte.weight", wte_shape=(V, C), n_inner=None) -> bytes:
+    """A complete safetensors checkpoint of zeros for CONFIG (wte under `wte_key` with `wte_shape`)."""
+    shapes = tensor_shapes(n_inner)
+    del shapes["transformer.wte.weight"]
+    if wte_key:
+        shapes[wte_key] = wte_shape
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw + b"\0" * (wte_bytes + P * C * 4)
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * offset
+
+
+def pytorch_bin(n_inner=None) -> bytes:
+    """The same checkpoint as torch.save writes pytorch_model.bin."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({name: torch.zeros(shape) for name, shape in tensor_shapes(n_inner, prefix="").items()}, buffer)
+    return buffer.getvalue()
 
 
 def checkpoint(config=CONFIG, weights=None) -> dict[str, bytes]:
@@ -79,6 +107,10 @@ def artifact_leftovers(app) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def parameter_count(config: dict) -> int:
+    return _parameter_count({"n_inner": None, **config})
+
+
 def test_parameter_count_formula():
     gpt2 = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12}
     assert parameter_count(gpt2) == 124_439_808
@@ -111,7 +143,7 @@ def test_import_archive(app, client, auth, filename, build):
 
 
 def test_import_pytorch_bin_and_short_wte_key_and_default_name(client, auth):
-    files = {"config.json": json.dumps({**CONFIG, "n_inner": 8}).encode(), "pytorch_model.bin": b"PK not checked"}
+    files = {"config.json": json.dumps({**CONFIG, "n_inner": 8}).encode(), "pytorch_model.bin": pytorch_bin(8)}
     response = upload(client, auth, tar_bytes(files), "my-gpt2.tar.gz")
     assert response.status_code == 201, response.json
     assert response.json["name"] == "my-gpt2" and response.json["parameter_count"] == TINY_PARAMETERS - 72
@@ -253,14 +285,14 @@ BAD_ARCHIVES = {
     "not an archive": (b"just some text, definitely not an archive\n" * 40, "not a .tar"),
     "empty file": (b"", "not a .tar"),
     "missing config.json": (tar_bytes({"model.safetensors": safetensors()}), "no config.json"),
-    "config not json": (tar_bytes(checkpoint() | {"config.json": b"{nope"}), "config.json is not valid JSON"),
+    "config not json": (tar_bytes(checkpoint() | {"config.json": b"{nope"}), "config.json: not valid JSON"),
     "config not an object": (tar_bytes(checkpoint() | {"config.json": b"[1]"}), "JSON object"),
     "wrong model_type": (tar_bytes(checkpoint({**CONFIG, "model_type": "llama"})), "model_type is 'llama'"),
     "bad n_embd": (tar_bytes(checkpoint({**CONFIG, "n_embd": "4"})), "n_embd must be a positive integer"),
-    "n_embd vs n_head": (tar_bytes(checkpoint({**CONFIG, "n_head": 3})), "not divisible by n_head"),
-    "missing weights": (tar_bytes({"config.json": json.dumps(CONFIG).encode()}), "no weights file"),
-    "wrong wte shape": (tar_bytes(checkpoint(weights=safetensors(wte_shape=(V + 1, C)))), "has shape [11, 4]"),
-    "no wte tensor": (tar_bytes(checkpoint(weights=safetensors(wte_key="lm_head.weight"))), "no wte.weight"),
+    "n_embd vs n_head": (tar_bytes(checkpoint({**CONFIG, "n_head": 3})), "must be divisible by n_head (3)"),
+    "missing weights": (tar_bytes({"config.json": json.dumps(CONFIG).encode()}), "missing weights file"),
+    "wrong wte shape": (tar_bytes(checkpoint(weights=safetensors(wte_shape=(V + 1, C)))), "has shape [50258, 4], expected [50257, 4]"),
+    "no wte tensor": (tar_bytes(checkpoint(weights=safetensors(wte_key="lm_head.weight"))), "lacks tensor wte.weight"),
     "safetensors garbage": (tar_bytes(checkpoint(weights=b"\xff" * 64)), "header"),
     "two top-level folders": (
         tar_bytes({"a/config.json": json.dumps(CONFIG).encode(), "b/model.safetensors": safetensors()}),

@@ -52,7 +52,7 @@ def test_openapi_describes_every_operation(client):
 def test_docs_page_renders_routes(client):
     response = client.get("/docs")
     assert response.status_code == 200 and response.mimetype == "text/html"
-    assert "/openapi.json" in response.text and "GenerateJobRequest" in response.text
+    assert "/openapi.json" in response.text and "GenerateSpec" in response.text
 
 
 def test_unknown_route_is_json_404(client):

@@ -12,11 +12,8 @@ from pydoc_data.topics import topics
 
 from gpt2core import GPT2, GPT2Config, CheckpointError, DatasetError
 from jobs import execution, repository
-from jobs.db import make_session_factory, session_scope
+from jobs.db import session_scope
 from jobs.models import Checkpoint, Job, JobEvent, Model
-from jobs.queue import make_celery
-from jobs.settings import Settings
-from jobs.storage import ArtifactStore
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from workers.generation import ModelCache, run_generation
@@ -28,14 +25,6 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
 HYPER = {"max_steps": 6, "n_epochs": None, "batch_size": 2, "grad_accum_steps": 1, "learning_rate": 3e-3,
          "warmup_steps": 1, "weight_decay": 0.1, "eval_every": 3, "checkpoint_every": 3, "sample_every": 3}
 CORPUS = "\n\n".join(topics.values())[:20_000].encode()
-
-
-@pytest.fixture
-def rt(tmp_path, database_url, engine) -> Runtime:
-    settings = Settings.from_env({"GPT2JOBS_VAR_DIR": str(tmp_path), "DATABASE_URL": database_url,
-                                  "JOB_LEASE_SECONDS": "30"})
-    return Runtime(settings, make_session_factory(engine), ArtifactStore(settings.artifact_dir),
-                   make_celery(settings), worker_id=f"test:{secrets.token_hex(3)}")
 
 
 def upload(rt: Runtime, owner: str, content: bytes, purpose: str = "train", name: str = "corpus.txt") -> str:
@@ -185,7 +174,7 @@ def test_model_cache_keeps_at_most_its_capacity(tmp_path):
     (KeyError("surprise"), "internal_error"),
 ])
 def test_failures_get_codes_a_user_can_act_on(exc, code):
-    assert error_for(exc)["code"] == code
+    assert error_for(exc, "job-test")["code"] == code
 
 
 def test_a_transient_database_error_is_retried_then_raised(rt, monkeypatch):

@@ -1,0 +1,127 @@
+"""One reader per file format, used by the upload check and by the workers alike.
+
+A file is read the same way, line for line, when it is uploaded and when a job runs on it: the upload check is
+simply a full read that keeps nothing. The line rules (UTF-8, a leading BOM dropped, lines end at "\\n" only, CRLF
+read as LF, a lone CR is content) are gpt2core.corpus's, the very functions training reads files with; see the
+README's "File formats".
+
+* Training files: plain UTF-8 text (one document), or JSONL with a string "text" per line (by the file name:
+  :func:`is_jsonl`).
+* Generation files: JSONL, one ``{"custom_id": str, "prompt": str, "sampling": {...}}`` object per line
+  (`sampling` optional: overrides of the job's sampling for that line). custom_ids are unique, 1 to 255
+  characters without control characters; prompts are any text (NUL included) without unpaired surrogates.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydantic import ValidationError
+
+# gpt2core.corpus imports neither torch nor numpy (a test keeps it so): the API runs without torch.
+from gpt2core.corpus import CorpusError, check_text, is_blank, iter_jsonl_texts, iter_lines, iter_text, parse_json_line
+from jobs.errors import InvalidInput
+from jobs.models import NAME_LENGTH
+from jobs.specs import Sampling
+from jobs.text import check_name
+
+#: A training file with one of these suffixes is JSONL ({"text": ...} per line); any other is plain text.
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+GENERATION_FIELDS = ("custom_id", "prompt", "sampling")
+
+
+def is_jsonl(filename: str) -> bool:
+    return filename.lower().endswith(JSONL_SUFFIXES)
+
+
+class FileRejected(InvalidInput):
+    """A file that breaks its format's rules; the message names the file and line."""
+
+    code = "invalid_file"
+
+    def __init__(self, filename: str, line: int | None, reason: str) -> None:
+        where = f"{filename}: line {line}" if line is not None else filename
+        super().__init__(f"{where}: {reason}", param="file")
+        self.line = line
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One line of a generation file: its position among the prompts, its id, prompt and sampling overrides."""
+
+    index: int
+    line: int
+    custom_id: str
+    prompt: str
+    sampling: Sampling | None
+
+
+def read_generation_file(stream: BinaryIO, filename: str) -> Iterator[GenerationItem]:
+    """The items of a generation file in order; FileRejected at the first line that breaks the rules."""
+    seen: dict[str, int] = {}
+    try:
+        for number, line in iter_lines(stream):
+            if is_blank(line):
+                continue
+            record = parse_json_line(line, number)
+            item = _generation_item(record, number, len(seen), filename)
+            if item.custom_id in seen:
+                raise FileRejected(filename, number, f"repeats custom_id {item.custom_id!r} from line "
+                                   f"{seen[item.custom_id]}")
+            seen[item.custom_id] = number
+            yield item
+    except CorpusError as exc:
+        raise FileRejected(filename, exc.line, exc.reason) from None
+    if not seen:
+        raise FileRejected(filename, None, "the file holds no prompts")
+
+
+def _generation_item(record: dict, number: int, index: int, filename: str) -> GenerationItem:
+    unknown = sorted(set(record) - set(GENERATION_FIELDS))
+    if unknown:
+        raise FileRejected(filename, number, f"unknown field {unknown[0]!r} (allowed: {', '.join(GENERATION_FIELDS)})")
+    custom_id, prompt = record.get("custom_id"), record.get("prompt")
+    if not isinstance(custom_id, str):
+        raise FileRejected(filename, number, "needs a string 'custom_id'")
+    problem = check_name(custom_id, "custom_id", NAME_LENGTH)
+    if problem:
+        raise FileRejected(filename, number, problem)
+    if not isinstance(prompt, str):
+        raise FileRejected(filename, number, "needs a string 'prompt'")
+    check_text(prompt, number, "prompt")
+    sampling = None
+    if "sampling" in record:
+        try:
+            sampling = Sampling.model_validate(record["sampling"])
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(["sampling", *(str(p) for p in first["loc"])])
+            raise FileRejected(filename, number, f"{field}: {first['msg']}") from None
+    return GenerationItem(index, number, custom_id, prompt, sampling)
+
+
+def check_generation_file(stream: BinaryIO, filename: str) -> int:
+    """Read a whole generation file as a job would; the number of prompts, or FileRejected."""
+    return sum(1 for _ in read_generation_file(stream, filename))
+
+
+def check_training_file(stream: BinaryIO, filename: str) -> int:
+    """Read a whole training file as training would (gpt2core.corpus); its number of documents, or FileRejected.
+
+    A file without any text is refused (training would have no tokens)."""
+    documents = 0
+    try:
+        if is_jsonl(filename):
+            documents = sum(1 for _, text in iter_jsonl_texts(stream) if text)
+        else:
+            for text in iter_text(stream):  # read to the end: every byte is checked
+                documents = documents or int(bool(text))
+    except CorpusError as exc:
+        raise FileRejected(filename, exc.line, exc.reason) from None
+    if not documents:
+        raise FileRejected(filename, None, "the file holds no text")
+    return documents
+
+
+CHECKS = {"train": check_training_file, "generate": check_generation_file}

@@ -1,0 +1,229 @@
+"""Typed job specifications: the one contract between the API and the workers.
+
+The API validates every submission with these models and generates its OpenAPI document from them; the job's
+resolved specification (every default filled in, seeds drawn) is what is stored, and workers read each job back
+through :func:`job_spec` into the same types. Each default, limit and cross-field rule is written once, here.
+
+Validation is strict: a JSON string is not an integer ("5" is refused for max_steps), unknown fields are refused.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from jobs.errors import InvalidInput
+from jobs.models import ID_LENGTH, Job
+
+#: GPT-2's released shapes; gpt2core.config.PRESETS holds the same names (a test keeps them equal).
+PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+#: GPT-2's tokenizer: 50,256 BPE tokens and <|endoftext|>.
+TOKENIZER_VOCAB_SIZE = 50257
+MAX_SEED = 2**63 - 1
+SUFFIX_MAX = 40
+Metadata = Annotated[dict[str, str], Field(max_length=16, description="Up to 16 string key-value pairs.")]
+ResourceId = Annotated[str, Field(min_length=1, max_length=ID_LENGTH, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelShape(Strict):
+    """A GPT-2 trained from scratch with this shape (vocabulary: GPT-2's 50,257 tokens)."""
+
+    n_layer: int = Field(ge=1, le=48)
+    n_head: int = Field(ge=1, le=64)
+    n_embd: int = Field(ge=8, le=2048)
+    block_size: int = Field(default=1024, ge=8, le=1024)
+
+    @model_validator(mode="after")
+    def heads_divide_width(self) -> "ModelShape":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The base of the trained model's name, e.g. "gpt2-6x384"."""
+        return f"gpt2-{self.n_layer}x{self.n_embd}"
+
+
+def model_kind(value: Any) -> str:
+    """A JSON object is a ModelShape, anything else a preset name: one branch, so errors name one field."""
+    return "shape" if isinstance(value, (dict, ModelShape)) else "preset"
+
+
+# The tags appear in validation error locations right after "model"; api.errors leaves them out of `param`.
+MODEL_TAGS = ("preset", "shape")
+ModelChoice = Annotated[
+    Union[Annotated[Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], Tag("preset")],
+          Annotated[ModelShape, Tag("shape")]],
+    Discriminator(model_kind),
+]
+
+
+class Hyperparameters(Strict):
+    """Training hyperparameters; give max_steps or n_epochs (default: max_steps 1000). warmup_steps defaults to a
+    tenth of max_steps, at most 100."""
+
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    n_epochs: float | None = Field(default=None, gt=0, le=1000)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
+    learning_rate: float = Field(default=6e-4, gt=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0, le=1_000_000)
+    weight_decay: float = Field(default=0.1, ge=0, le=10)
+    eval_every: int = Field(default=100, ge=0, le=1_000_000, description="Steps between evaluations; 0: never.")
+    checkpoint_every: int = Field(default=500, ge=0, le=1_000_000, description="Steps between checkpoints; 0: "
+                                  "only the final model.")
+    sample_every: int = Field(default=0, ge=0, le=1_000_000, description="Steps between sample events; 0: never.")
+
+    @field_validator("n_epochs")
+    @classmethod
+    def not_both_lengths(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("max_steps") is not None:
+            raise ValueError("give max_steps or n_epochs, not both")
+        return value
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def warmup_within_run(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_steps = info.data.get("max_steps")
+        if value is not None and max_steps is not None and value > max_steps:
+            raise ValueError(f"warmup_steps ({value}) must not exceed max_steps ({max_steps})")
+        return value
+
+    @model_validator(mode="after")
+    def default_length(self) -> "Hyperparameters":
+        if self.max_steps is None and self.n_epochs is None:
+            self.max_steps = 1000
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, self.max_steps // 10) if self.max_steps is not None else 100
+        return self
+
+
+class Sampling(Strict):
+    """How completions are drawn. temperature 0 is greedy decoding (top_k, top_p have no effect then)."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=1024)
+    temperature: float = Field(default=1.0, ge=0, le=5)
+    top_k: int = Field(default=0, ge=0, le=TOKENIZER_VOCAB_SIZE, description="0: no top-k cut.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=4)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Default: drawn at submission.")
+
+    def merged(self, overrides: "Sampling") -> "Sampling":
+        """These settings with the fields `overrides` sets explicitly (a generation file line's "sampling")."""
+        return self.model_copy(update=overrides.model_dump(exclude_unset=True))
+
+    def ignored(self) -> list[str]:
+        """Explicit settings that cannot take effect, as messages (reported as warning events)."""
+        if self.temperature == 0:
+            return [f"temperature 0 is greedy decoding: {field} {value} has no effect"
+                    for field, value in (("top_k", self.top_k), ("top_p", self.top_p))
+                    if field in self.model_fields_set and value != Sampling.model_fields[field].default]
+        return []
+
+
+class TrainSpec(Strict):
+    type: Literal["train"]
+    training_file: ResourceId = Field(description="A file id with purpose 'train'.")
+    validation_file: ResourceId | None = None
+    model: ModelChoice = "gpt2"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Fixes the initial weights, the data "
+                             "order and dropout. Default: drawn at submission.")
+    suffix: str | None = Field(default=None, max_length=SUFFIX_MAX, pattern=r"^[A-Za-z0-9_.-]+$",
+                               description="The trained model is named '<base>:<suffix>'.")
+    metadata: Metadata = Field(default_factory=dict)
+
+    def model_name(self, base_name: str, job_id: str) -> str:
+        """The name of the model this job registers: "<base>:<suffix>" (suffix default: the job id's first 8)."""
+        return f"{base_name}:{self.suffix or job_id.removeprefix('job-')[:8]}"
+
+
+class FinetuneSpec(TrainSpec):
+    type: Literal["finetune"]  # type: ignore[assignment]
+    model: ResourceId = Field(description="The id of a registered model (model-...).")  # type: ignore[assignment]
+
+    @field_validator("model")
+    @classmethod
+    def model_id(cls, value: str) -> str:
+        if not value.startswith("model-"):
+            raise ValueError("must be a model id (model-...)")
+        return value
+
+
+class GenerateSpec(Strict):
+    type: Literal["generate"]
+    model: ResourceId = Field(description="A registered model id (model-...).")
+    prompts: list[str] | None = Field(default=None, min_length=1)
+    input_file: ResourceId | None = Field(default=None, description="A file id with purpose 'generate'.",
+                                          validate_default=True)
+    sampling: Sampling = Field(default_factory=Sampling)
+    metadata: Metadata = Field(default_factory=dict)
+
+    @field_validator("input_file")
+    @classmethod
+    def one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field validator (not a model validator) so the error's param names a field; skipped when prompts
+        # itself was invalid (that error is reported instead).
+        if "prompts" in info.data and (info.data["prompts"] is None) == (value is None):
+            raise ValueError("give exactly one of prompts or input_file")
+        return value
+
+
+AnySpec = Union[TrainSpec, FinetuneSpec, GenerateSpec]
+JobSpec = Annotated[AnySpec, Field(discriminator="type")]
+JOB_SPEC: TypeAdapter[AnySpec] = TypeAdapter(JobSpec)
+#: Stored outside `params`: the job row's reference columns and metadata.
+REFERENCE_FIELDS = {"training_file": "training_file_id", "validation_file": "validation_file_id",
+                    "input_file": "input_file_id"}
+
+
+def draw_seed() -> int:
+    return secrets.randbits(63)
+
+
+def resolve(spec: AnySpec) -> AnySpec:
+    """The specification as it will run: seeds drawn now when not given, so a retried job repeats itself."""
+    if isinstance(spec, GenerateSpec):
+        if spec.sampling.seed is not None:
+            return spec
+        return spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"seed": draw_seed()})})
+    return spec if spec.seed is not None else spec.model_copy(update={"seed": draw_seed()})
+
+
+def stored_params(spec: AnySpec) -> dict[str, Any]:
+    """What the job row keeps in `params` (references and metadata have columns of their own)."""
+    return spec.model_dump(mode="json", exclude={"type", "metadata", *REFERENCE_FIELDS})
+
+
+def job_spec(job: Job) -> AnySpec:
+    """A stored job read back as its typed specification (the workers' only way to read parameters).
+
+    Raises InvalidInput (param: the field) when a file the job needs is gone; deletes are refused while a job is
+    unfinished, so only a job finished long ago can meet that."""
+    data: dict[str, Any] = {"type": job.type, **job.params, "metadata": job.metadata_}
+    for field, column in REFERENCE_FIELDS.items():
+        if (value := getattr(job, column)) is not None:
+            data[field] = value
+        elif field == "training_file" and job.type in ("train", "finetune"):
+            raise InvalidInput("The training file was deleted before the job ran.", param=field)
+        elif field == "input_file" and job.type == "generate" and data.get("prompts") is None:
+            raise InvalidInput("The input file was deleted before the job ran.", param=field)
+    return JOB_SPEC.validate_python(data)

@@ -1,0 +1,83 @@
+"""Submitting a job: resolve its specification, check it against what it references, store it (one transaction).
+
+Everything a job will need is checked here, at the door, so an accepted job is one its worker can run: the
+referenced files and model exist, belong to the caller and are locked against a concurrent delete until the job
+is stored; a fine-tune's model name fits its column; a generation's max_new_tokens fits the model's context.
+Settings that cannot take effect as asked become warning events on the job.
+"""
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from jobs import repository
+from jobs.errors import InvalidRequest
+from jobs.models import NAME_LENGTH, Job, Model
+from jobs.specs import AnySpec, FinetuneSpec, GenerateSpec, TrainSpec, resolve, stored_params
+from jobs.text import check_name
+
+
+def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompts: int,
+               idempotency_key: str | None = None, request_hash: str | None = None) -> tuple[Job, bool]:
+    """The stored job and whether it is new (enqueue only then). InvalidRequest/Conflict as repository.create_job,
+    and InvalidRequest naming the field for a job its worker could not run."""
+    if isinstance(spec, GenerateSpec) and spec.prompts is not None and len(spec.prompts) > max_inline_prompts:
+        raise InvalidRequest(f"prompts: at most {max_inline_prompts} inline prompts; upload an input_file for more",
+                           param="prompts")
+    spec = resolve(spec)
+    refs: dict[str, str | None] = {}
+    if isinstance(spec, TrainSpec):
+        refs = {"training_file_id": spec.training_file, "validation_file_id": spec.validation_file}
+        if isinstance(spec, FinetuneSpec):
+            refs["base_model_id"] = spec.model
+    else:
+        refs = {"input_file_id": spec.input_file, "base_model_id": spec.model}
+    job, created = repository.create_job(
+        session, owner, spec.type, stored_params(spec), **refs, metadata=spec.metadata,
+        idempotency_key=idempotency_key, request_hash=request_hash,
+    )
+    if created:
+        model = session.get(Model, job.base_model_id) if job.base_model_id else None
+        check_runnable(spec, job, model)
+        for message in warnings(spec):
+            repository.add_event(session, job.id, message, level="warning")
+    return job, created
+
+
+def check_runnable(spec: AnySpec, job: Job, model: Model | None) -> None:
+    """InvalidRequest naming the field when the job, as specified, could not run to the end on `model`."""
+    if isinstance(spec, TrainSpec):
+        base = model.name if model is not None else (spec.model if isinstance(spec.model, str) else spec.model.name)
+        name = spec.model_name(base, job.id)
+        if check_name(name, "the model name", NAME_LENGTH):
+            param = "suffix" if spec.suffix else "model"
+            raise InvalidRequest(
+                f"{param}: the trained model would be named {base[:20]!r}...:{name.rsplit(':', 1)[1]!r}, "
+                f"{len(name)} characters, over the limit of {NAME_LENGTH}; choose a shorter suffix (the base "
+                f"model's name is {len(base)} characters)", param=param)
+    if isinstance(spec, GenerateSpec) and model is not None:
+        context = model_context(model)
+        if spec.sampling.max_new_tokens >= context:
+            raise InvalidRequest(
+                f"sampling.max_new_tokens: {spec.sampling.max_new_tokens} new tokens leave no room for a prompt in "
+                f"the model's context of {context} tokens", param="sampling.max_new_tokens")
+
+
+def model_context(model: Model) -> int:
+    """The model's context length in tokens (n_positions of its Hugging Face config; 1024 by default)."""
+    value = model.config.get("n_positions", 1024) if isinstance(model.config, dict) else 1024
+    return value if isinstance(value, int) else 1024
+
+
+def warnings(spec: AnySpec) -> list[str]:
+    """Settings of the job that cannot take effect as asked (each becomes a warning event at submission)."""
+    if isinstance(spec, GenerateSpec):
+        return spec.sampling.ignored()
+    hyper = spec.hyperparameters
+    found = []
+    if hyper.max_steps is not None:
+        for field in ("eval_every", "checkpoint_every", "sample_every"):
+            every = getattr(hyper, field)
+            if field in hyper.model_fields_set and every > hyper.max_steps:
+                found.append(f"hyperparameters.{field} {every} is more than max_steps {hyper.max_steps}: it will "
+                             "never happen during this run")
+    return found

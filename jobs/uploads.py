@@ -1,0 +1,41 @@
+"""Storing an uploaded file: stream it to the artifact store, read it whole with its format's reader (the one
+the workers use), and record it; a refused file leaves nothing behind."""
+from __future__ import annotations
+
+from typing import IO
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs import repository
+from jobs.db import session_scope
+from jobs.errors import InvalidRequest
+from jobs.models import FILE_PURPOSES, NAME_LENGTH, File, new_id
+from jobs.readers import CHECKS
+from jobs.storage import ArtifactStore
+from jobs.text import check_name
+
+
+def check_filename(filename: str) -> None:
+    problem = check_name(filename, "the file name", NAME_LENGTH)
+    if problem:
+        raise InvalidRequest(problem, param="file", status=400)
+
+
+def upload_file(sessions: sessionmaker[Session], store: ArtifactStore, owner: str, purpose: str, filename: str,
+                stream: IO[bytes], max_bytes: int) -> File:
+    """The stored file. InvalidRequest (param "purpose" or "file"), FileRejected naming the first bad line,
+    TooLarge past `max_bytes`."""
+    if purpose not in FILE_PURPOSES:
+        raise InvalidRequest(f"purpose must be one of {', '.join(FILE_PURPOSES)}", param="purpose", status=400)
+    check_filename(filename)
+    file_id = new_id("file")
+    blob = store.write_stream(store.file_path(file_id), stream, max_bytes)
+    try:
+        with blob.path.open("rb") as stored:
+            records = CHECKS[purpose](stored, filename)
+        with session_scope(sessions) as session:
+            file = repository.create_file(session, owner, purpose, filename, blob, records, file_id=file_id)
+    except BaseException:
+        store.delete(blob.path)
+        raise
+    return file

@@ -1,0 +1,141 @@
+"""Issue 8 at the door: what the API accepts is what the workers run, every text comes back as sent, references
+are safe under concurrency. On SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from jobs import repository
+from jobs.models import Job, JobEvent
+from sqlalchemy import select
+
+from .conftest import new_key
+
+
+def test_any_text_in_prompts_and_metadata_round_trips(helper, auth):
+    """NUL, the private-use escape character, CR and control characters are text: stored and returned exactly."""
+    texts = ["a\x00b", "\ue000", "\ue0000", "\ue000\x00\ue000", "\r\n\x1b[31m", "\x7f\x85\u2028", "😀\ufeff"]
+    job = helper.submit_job(auth, {"type": "generate", "model": helper.create_model(auth), "prompts": texts,
+                                   "sampling": {"stop": ["\x00", "\ue000"]},
+                                   "metadata": {"k\x00": "v\x00", "e": "\ue000"}})
+    again = helper.client.get(f"/v1/jobs/{job['id']}", headers=auth).json
+    assert again["metadata"] == {"k\x00": "v\x00", "e": "\ue000"} and again["sampling"]["stop"] == ["\x00", "\ue000"]
+    with helper.session() as session:
+        assert session.get(Job, job["id"]).params["prompts"] == texts
+
+
+def test_long_custom_id_is_refused_at_upload_not_after_the_work(helper, auth):
+    """Input 2 of issue 8: a 300-character custom_id was accepted, then failed the finished job on PostgreSQL."""
+    content = json.dumps({"custom_id": "c" * 300, "prompt": "Hello"}).encode()
+    response = helper.upload(auth, content, "in.jsonl", "generate")
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_file"
+    assert "line 1: custom_id must be at most 255 characters" in response.json["error"]["message"]
+    ok = json.dumps({"custom_id": "c" * 255, "prompt": "Hello"}).encode()
+    assert helper.upload(auth, ok, "in.jsonl", "generate").status_code == 201
+
+
+def test_model_name_that_would_overflow_is_refused_at_submission(helper, auth):
+    """Input 2 of issue 8: a fine-tune of a model named with 250 characters and suffix "ft-run" trained to the end,
+    then failed registering its 257-character name."""
+    model = helper.create_model(auth, name="m" * 250)
+    train = helper.upload_file(auth)["id"]
+    body = {"type": "finetune", "training_file": train, "model": model, "suffix": "ft-run"}
+    response = helper.submit(auth, body)
+    assert response.status_code == 422, response.json
+    error = response.json["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "suffix" and "257 characters" in error["message"]
+    response = helper.submit(auth, {**body, "suffix": None})  # the default suffix is 8 characters: 259
+    assert response.status_code == 422 and response.json["error"]["param"] == "model"
+    helper.submit_job(auth, {**body, "suffix": "ft"})  # 253 characters fit
+    assert helper.client.get("/v1/jobs?type=finetune", headers=auth).json["data"][0]["suffix"] == "ft"
+
+
+def test_generation_longer_than_the_models_context_is_refused(helper, auth):
+    model = helper.create_model(auth)  # n_positions: 1024 (transformers' default)
+    body = {"type": "generate", "model": model, "prompts": ["x"], "sampling": {"max_new_tokens": 1024}}
+    response = helper.submit(auth, body)
+    assert response.status_code == 422 and response.json["error"]["param"] == "sampling.max_new_tokens"
+    helper.submit_job(auth, {**body, "sampling": {"max_new_tokens": 1023}})
+
+
+def warnings_of(helper, job_id: str) -> list[str]:
+    with helper.session() as session:
+        return list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id,
+                                                                   JobEvent.level == "warning")))
+
+
+def test_settings_that_cannot_take_effect_are_warned_about(helper, auth):
+    greedy = helper.generate_job(auth, sampling={"temperature": 0, "top_k": 40, "top_p": 0.9})
+    assert warnings_of(helper, greedy["id"]) == [
+        "temperature 0 is greedy decoding: top_k 40 has no effect",
+        "temperature 0 is greedy decoding: top_p 0.9 has no effect"]
+    train = helper.train_job(auth, hyperparameters={"max_steps": 50, "eval_every": 100, "checkpoint_every": 10})
+    assert warnings_of(helper, train["id"]) == [
+        "hyperparameters.eval_every 100 is more than max_steps 50: it will never happen during this run"]
+    assert warnings_of(helper, helper.generate_job(auth)["id"]) == []
+
+
+def test_model_names_are_checked_at_import(helper, auth, tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    archive = io.BytesIO()
+    import tarfile
+
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for path in (tmp_path / "m").iterdir():
+            tar.add(path, arcname=path.name)
+    for name, message in (("x" * 256, "at most 255"), ("tab\there", "control characters")):
+        response = helper.client.post("/v1/models", headers=auth, content_type="multipart/form-data",
+                                      data={"file": (io.BytesIO(archive.getvalue()), "m.tar.gz"), "name": name})
+        assert response.status_code == 400 and response.json["error"]["param"] == "name", response.json
+        assert message in response.json["error"]["message"]
+
+
+def test_submit_while_deleting_never_500s_nor_queues_a_missing_file(app, helper, auth):
+    """Input 6 of issue 8: 40 submissions racing the training file's delete gave 500s and jobs for a file that no
+    longer existed. Now each submission either lands before the delete (which is then refused with 409) or
+    after it (422/400: no such file); never both, never a 500."""
+    owner = helper.owner_of(auth)
+    for _ in range(3):
+        file_id = helper.upload_file(auth)["id"]
+        barrier = threading.Barrier(9)
+
+        def submit(_, barrier=barrier, file_id=file_id):
+            client = app.test_client()
+            barrier.wait()
+            return client.post("/v1/jobs", json={"type": "train", "training_file": file_id}, headers=auth)
+
+        def delete(barrier=barrier, file_id=file_id):
+            client = app.test_client()
+            barrier.wait()
+            statuses = []
+            for _ in range(40):
+                statuses.append(client.delete(f"/v1/files/{file_id}", headers=auth).status_code)
+                if statuses[-1] == 200:
+                    break
+            return statuses
+
+        with ThreadPoolExecutor(9) as pool:
+            deleting = pool.submit(delete)
+            answers = list(pool.map(submit, range(8)))
+            delete_statuses = deleting.result()
+        statuses = [r.status_code for r in answers]
+        assert all(status in (202, 400) for status in statuses), [r.json for r in answers]
+        assert all(status in (200, 409) for status in delete_statuses), delete_statuses
+        with helper.session() as session:
+            jobs = list(session.scalars(select(Job).where(Job.owner == owner, Job.training_file_id == file_id)))
+            file_exists = repository.get_file(session, owner, file_id) is not None if 200 not in delete_statuses \
+                else False
+        assert len(jobs) == statuses.count(202)
+        if 200 in delete_statuses:  # deleted: only after every job that got in was finished (none here: queued)
+            assert not jobs and not file_exists
+        for job in jobs:
+            helper.client.post(f"/v1/jobs/{job.id}/cancel", headers=auth)
+        helper.client.delete(f"/v1/files/{file_id}", headers=auth)
+
+
+def test_another_owner_cannot_use_or_see_text(helper, auth, app):
+    other = new_key(app, "someone-else")
+    job = helper.generate_job(auth, prompts=["secret\x00"])
+    assert helper.client.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
