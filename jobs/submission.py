@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from jobs import repository
 from jobs.errors import InvalidRequest
-from jobs.models import NAME_LENGTH, Job, Model
-from jobs.specs import AnySpec, FinetuneSpec, GenerateSpec, TrainSpec, resolve, stored_params
+from jobs.models import NAME_LENGTH, File, Job, Model
+from jobs.specs import AnySpec, FinetuneSpec, GenerateSpec, ModelShape, TrainSpec, resolve, stored_params
 from jobs.text import check_name
 
 
@@ -37,13 +37,13 @@ def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompt
     )
     if created:
         model = session.get(Model, job.base_model_id) if job.base_model_id else None
-        check_runnable(spec, job, model)
+        check_runnable(session, spec, job, model)
         for message in warnings(spec):
             repository.add_event(session, job.id, message, level="warning")
     return job, created
 
 
-def check_runnable(spec: AnySpec, job: Job, model: Model | None) -> None:
+def check_runnable(session: Session, spec: AnySpec, job: Job, model: Model | None) -> None:
     """InvalidRequest naming the field when the job, as specified, could not run to the end on `model`."""
     if isinstance(spec, TrainSpec):
         base = model.name if model is not None else (spec.model if isinstance(spec.model, str) else spec.model.name)
@@ -54,12 +54,24 @@ def check_runnable(spec: AnySpec, job: Job, model: Model | None) -> None:
                 f"{param}: the trained model would be named {base[:20]!r}...:{name.rsplit(':', 1)[1]!r}, "
                 f"{len(name)} characters, over the limit of {NAME_LENGTH}; choose a shorter suffix (the base "
                 f"model's name is {len(base)} characters)", param=param)
+    if isinstance(spec, TrainSpec):
+        file = session.get(File, job.training_file_id) if job.training_file_id else None
+        block_size = (model_context(model) if model is not None else
+                      spec.model.block_size if isinstance(spec.model, ModelShape) else PRESET_CONTEXT)
+        # A GPT-2 token is at least one byte, and each document adds one end-of-text token: a bound, not a count.
+        if file is not None and file.bytes + file.records <= block_size:
+            raise InvalidRequest(
+                f"training_file: {file.filename!r} holds at most {file.bytes + file.records} tokens; training needs "
+                f"more than the model's context of {block_size}", param="training_file")
     if isinstance(spec, GenerateSpec) and model is not None:
         context = model_context(model)
         if spec.sampling.max_new_tokens >= context:
             raise InvalidRequest(
                 f"sampling.max_new_tokens: {spec.sampling.max_new_tokens} new tokens leave no room for a prompt in "
                 f"the model's context of {context} tokens", param="sampling.max_new_tokens")
+
+
+PRESET_CONTEXT = 1024  # every GPT-2 preset's n_positions
 
 
 def model_context(model: Model) -> int:

@@ -139,3 +139,61 @@ def test_another_owner_cannot_use_or_see_text(helper, auth, app):
     other = new_key(app, "someone-else")
     job = helper.generate_job(auth, prompts=["secret\x00"])
     assert helper.client.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
+
+
+def hf_archive(tmp_path, **config) -> bytes:
+    """A tiny transformers GPT2LMHeadModel saved by transformers itself, as a .tar.gz."""
+    import tarfile
+
+    import torch
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(HFConfig(n_layer=1, n_head=2, n_embd=8, n_positions=16, **config))
+    if config.get("vocab_size", 50257) != model.config.vocab_size:
+        model.resize_token_embeddings(config["vocab_size"])
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in folder.iterdir():
+            tar.add(path, arcname=path.name)
+    return buffer.getvalue()
+
+
+def import_archive(helper, auth, content: bytes):
+    return helper.client.post("/v1/models", headers=auth, content_type="multipart/form-data",
+                              data={"file": (io.BytesIO(content), "hf.tar.gz")})
+
+
+def test_cross_attention_checkpoint_is_refused_at_import(helper, auth, tmp_path):
+    """Input 3 of issue 8: a checkpoint with add_cross_attention imported (with a wrong parameter_count), then
+    every job on it failed naming the server's artifact path."""
+    response = import_archive(helper, auth, hf_archive(tmp_path, add_cross_attention=True))
+    assert response.status_code == 400, response.json
+    error = response.json["error"]
+    assert error["code"] == "invalid_model" and error["param"] == "file"
+    assert error["message"] == "config.json: add_cross_attention=true is not supported (GPT-2 uses false)"
+    assert helper.artifact_files() == []
+
+
+def test_checkpoint_with_an_added_token_imports_and_counts_right(helper, auth, tmp_path):
+    """Input 4 of issue 8, at the door: a 50,258-token checkpoint (a pad token added) imports, its parameters
+    counted exactly; generation never samples the added id (tests/workers/test_contract_runs.py)."""
+    response = import_archive(helper, auth, hf_archive(tmp_path, vocab_size=50258))
+    assert response.status_code == 201, response.json
+    C, V, P = 8, 50258, 16
+    per_layer = 2 * C + 3 * C * C + 3 * C + C * C + C + 2 * C + 4 * C * C + 4 * C + 4 * C * C + C
+    assert response.json["parameter_count"] == V * C + P * C + per_layer + 2 * C
+    assert response.json["config"]["vocab_size"] == V
+
+
+def test_training_file_too_small_for_the_model_is_refused_at_submission(helper, auth):
+    tiny = helper.upload_file(auth, b"just a few words", "tiny.txt")
+    body = {"type": "train", "training_file": tiny["id"], "model": {"n_layer": 1, "n_head": 1, "n_embd": 8,
+                                                                    "block_size": 64}}
+    response = helper.submit(auth, body)
+    assert response.status_code == 422 and response.json["error"]["param"] == "training_file", response.json
+    assert "at most 17 tokens" in response.json["error"]["message"]
+    helper.submit_job(auth, {**body, "model": {**body["model"], "block_size": 8}})

@@ -2,25 +2,30 @@
 one bad prompt fails only itself; errors name the user's things, never the server's. SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import io
 import json
 import logging
+import secrets
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 from sqlalchemy import select
 
 from api import create_app
 from gpt2core import GPT2, GPT2Config, GPT2Tokenizer, SamplingParams, generate
 from gpt2core.checkpoint import check_checkpoint
-from jobs import repository
+from jobs import repository, uploads
 from jobs.db import session_scope
 from jobs.models import GenerationResult, JobEvent
+from jobs.readers import FileRejected, read_generation_file
 from jobs.specs import GenerateSpec, Sampling, TrainSpec, resolve, stored_params
 from workers import generation
 from workers.generation import item_seed, run_generation
 from workers.runtime import error_for
 from workers.training import run_training
 
+from ..jobs.test_readers import generation_lines
 from .test_worker_runs import CORPUS, HYPER, TINY, events, job, upload
 
 
@@ -214,3 +219,45 @@ def test_internal_errors_show_a_reference_only(exc, caplog):
     assert error["code"] == "internal_error" and "SQL" not in error["message"] and "50257" not in error["message"]
     assert error["reference"] in error["message"]
     assert any(error["reference"] in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def run_file(rt, owner: str, model_id: str, content: bytes) -> tuple[str, list[GenerationResult]]:
+    """Upload `content` through the upload check, then run a generate job on it in this process."""
+    file = uploads.upload_file(rt.sessions, rt.artifacts, owner, "generate", "in.jsonl", io.BytesIO(content),
+                               1 << 20)
+    spec = GenerateSpec(type="generate", model=model_id, input_file=file.id, sampling=Sampling(max_new_tokens=2))
+    job_id = submit(rt, owner, spec, base_model_id=model_id, input_file_id=file.id)
+    run_generation(rt, job_id)
+    with session_scope(rt.sessions) as session:
+        results = list(session.scalars(select(GenerationResult).where(GenerationResult.job_id == job_id)
+                                       .order_by(GenerationResult.index)))
+    return job_id, results
+
+
+def test_carriage_returns_and_bom_in_a_generation_file(rt, owner, tiny_model):
+    """Input 1 of issue 8: a raw CR between JSON tokens uploaded with 201, then the job failed whole
+    (JSONDecodeError): the worker's text-mode file split lines at CR too. Both now read the same lines."""
+    model_id = register(rt, owner, tiny_model, "tiny")
+    content = (b'\xef\xbb\xbf{"custom_id": "q1",\r "prompt": "Hello"}\r\n\r\n'
+               b'{"custom_id": "q2", "prompt": "a\\rb\\u0000c"}\n{"custom_id": "q3",\r"prompt": "Bye"}')
+    job_id, results = run_file(rt, owner, model_id, content)
+    assert job(rt, job_id).status == "succeeded", job(rt, job_id).error
+    assert [(r.custom_id, r.prompt, r.error) for r in results] == [
+        ("q1", "Hello", None), ("q2", "a\rb\x00c", None), ("q3", "Bye", None)]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(content=generation_lines())
+def test_property_an_accepted_generation_file_never_fails_its_job(rt, owner, tiny_model, content):
+    """Hostile generation files: refused at upload, or their job succeeds with one result per line, each prompt and
+    custom_id stored and read back exactly (on PostgreSQL as on SQLite)."""
+    try:
+        expected = list(read_generation_file(io.BytesIO(content), "in.jsonl"))
+    except FileRejected:
+        with pytest.raises(FileRejected):
+            uploads.upload_file(rt.sessions, rt.artifacts, owner, "generate", "in.jsonl", io.BytesIO(content), 1 << 20)
+        return
+    model_id = register(rt, owner, tiny_model, f"tiny-{secrets.token_hex(4)}")
+    job_id, results = run_file(rt, owner, model_id, content)
+    assert job(rt, job_id).status == "succeeded", job(rt, job_id).error
+    assert [(r.custom_id, r.prompt) for r in results] == [(i.custom_id, i.prompt) for i in expected]
