@@ -24,14 +24,6 @@ jobs = v1_blueprint("jobs")
 RESULTS_PAGE = 100
 
 
-def default_progress(job: Job) -> dict[str, Any]:
-    if job.type == "generate":
-        prompts = job.params.get("prompts")
-        return {"total": len(prompts) if prompts is not None else None, "completed": 0, "failed": 0}
-    return {"step": 0, "total_steps": job.params.get("hyperparameters", {}).get("max_steps"), "loss": None,
-            "val_loss": None, "tokens_per_second": None, "eta_seconds": None}
-
-
 def job_object(job: Job) -> dict[str, Any]:
     params = dict(job.params)
     prompts = params.pop("prompts", None)
@@ -49,7 +41,7 @@ def job_object(job: Job) -> dict[str, Any]:
         "validation_file": job.validation_file_id,
         "input_file": job.input_file_id,
         **params,
-        "progress": job.progress or default_progress(job),
+        "progress": job.progress or {},
         "result": job.result,
         "error": job.error,
         "attempts": job.attempts,

@@ -5,6 +5,7 @@ import click
 from flask.cli import AppGroup
 
 from jobs import repository
+from jobs.errors import InvalidInput
 
 from .context import unit_of_work
 
@@ -15,8 +16,11 @@ keys = AppGroup("keys", help="Create, list and revoke API keys.")
 @click.option("--owner", required=True, help="Who the key belongs to; their files, jobs and models are theirs alone.")
 def create(owner: str) -> None:
     """Create a key. The secret is printed once, as the last line; only its hash is stored."""
-    with unit_of_work() as session:
-        key, secret = repository.create_api_key(session, owner)
+    try:
+        with unit_of_work() as session:
+            key, secret = repository.create_api_key(session, owner)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.message, param_hint="--owner") from None
     click.echo(f"created {key.id} for owner {owner!r}; store the key now, it is not shown again:")
     click.echo(secret)
 

@@ -23,6 +23,7 @@ from jobs.models import (
     FILE_PURPOSES,
     JOB_TYPES,
     MODEL_SOURCES,
+    NAME_LENGTH,
     ApiKey,
     Checkpoint,
     File,
@@ -34,6 +35,7 @@ from jobs.models import (
 )
 from jobs.states import CANCELLED, CANCELLING, QUEUED, RUNNING, STATUSES, TERMINAL, transition
 from jobs.storage import StoredBlob
+from jobs.text import check_name
 
 MAX_PAGE_SIZE = 100
 API_KEY_PREFIX = "sk-"
@@ -95,7 +97,11 @@ def _newest_first_page(session: Session, stmt: Select, model: type[Owned], owner
 
 
 def create_api_key(session: Session, owner: str) -> tuple[ApiKey, str]:
-    """A new key for `owner`, and its secret: shown once, stored only as a sha256 hash."""
+    """A new key for `owner`, and its secret: shown once, stored only as a sha256 hash. InvalidInput for an owner
+    that is not a storable name (empty, over 255 characters, control characters)."""
+    problem = check_name(owner, "owner", NAME_LENGTH)
+    if problem:
+        raise InvalidInput(problem, param="owner")
     secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(owner=owner, key_hash=_sha256_hex(secret), prefix=secret[:API_KEY_DISPLAY_CHARS])
     session.add(key)

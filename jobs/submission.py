@@ -7,6 +7,8 @@ Settings that cannot take effect as asked become warning events on the job.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from jobs import repository
@@ -38,6 +40,7 @@ def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompt
     if created:
         model = session.get(Model, job.base_model_id) if job.base_model_id else None
         check_runnable(session, spec, job, model)
+        job.progress = job.progress or initial_progress(spec)
         for message in warnings(spec):
             repository.add_event(session, job.id, message, level="warning")
     return job, created
@@ -78,6 +81,14 @@ def model_context(model: Model) -> int:
     """The model's context length in tokens (n_positions of its Hugging Face config; 1024 by default)."""
     value = model.config.get("n_positions", 1024) if isinstance(model.config, dict) else 1024
     return value if isinstance(value, int) else 1024
+
+
+def initial_progress(spec: AnySpec) -> dict[str, Any]:
+    """A job's progress before a worker reports any (an input file's total is its record count, set on create)."""
+    if isinstance(spec, GenerateSpec):
+        return {"total": len(spec.prompts) if spec.prompts is not None else None, "completed": 0, "failed": 0}
+    return {"step": 0, "total_steps": spec.hyperparameters.max_steps, "loss": None, "val_loss": None,
+            "tokens_per_second": None, "eta_seconds": None}
 
 
 def warnings(spec: AnySpec) -> list[str]:

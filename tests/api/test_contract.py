@@ -7,6 +7,9 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from jobs import repository
 from jobs.models import Job, JobEvent
 from sqlalchemy import select
@@ -197,3 +200,45 @@ def test_training_file_too_small_for_the_model_is_refused_at_submission(helper, 
     assert response.status_code == 422 and response.json["error"]["param"] == "training_file", response.json
     assert "at most 17 tokens" in response.json["error"]["message"]
     helper.submit_job(auth, {**body, "model": {**body["model"], "block_size": 8}})
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_archive_imported_iff_from_pretrained_loads(helper, auth, tmp_path_factory, data):
+    """Random config changes and tensor sets: POST /v1/models answers 201 if and only if GPT2.from_pretrained loads
+    the same folder; a refusal is a 400 naming the problem without a server path."""
+    import tarfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from gpt2core import GPT2, CheckpointError
+    from tests.test_checkpoint_check import BASE, CONFIG_MUTATIONS, EXTRA_TENSORS, base_tensors
+
+    config = {"model_type": "gpt2", **BASE}
+    tensors = base_tensors(data.draw(st.sampled_from(["transformer.", ""])), data.draw(st.booleans()), 0)
+    for field_, value, _ in data.draw(st.lists(st.sampled_from(CONFIG_MUTATIONS), max_size=2)):
+        if value is KeyError:
+            config.pop(field_, None)
+        else:
+            config[field_] = value
+    for name, shape, _ in data.draw(st.lists(st.sampled_from(EXTRA_TENSORS), max_size=1)):
+        tensors.setdefault(name, torch.zeros(shape))
+    if data.draw(st.booleans()):
+        del tensors[data.draw(st.sampled_from(sorted(tensors)))]
+    folder = tmp_path_factory.mktemp("ckpt")
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    try:
+        GPT2.from_pretrained(folder)
+        loads = True
+    except CheckpointError:
+        loads = False
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in folder.iterdir():
+            tar.add(path, arcname=path.name)
+    response = import_archive(helper, auth, buffer.getvalue())
+    assert response.status_code == (201 if loads else 400), response.json
+    if not loads:
+        assert response.json["error"]["code"] == "invalid_model" and "/tmp" not in response.json["error"]["message"]
