@@ -211,5 +211,5 @@ def stream_results(job_id: str):
                 return
             after = chunk[-1]["index"]
 
-    return Response(lines(), mimetype="application/x-ndjson",
+    return Response(lines(), content_type="application/x-ndjson; charset=utf-8",
                     headers={"Content-Disposition": f"attachment; filename={job_id}-results.jsonl"})

@@ -138,7 +138,8 @@ def normalise_key(key: str) -> str:
     return key[len("transformer.") :] if key.startswith("transformer.") else key
 
 
-def check_checkpoint(directory: str | Path, *, tokenizer_vocab_size: int | None = GPT2_VOCAB_SIZE) -> CheckpointInfo:
+def check_checkpoint(directory: str | Path, *, tokenizer_vocab_size: int | None = GPT2_VOCAB_SIZE,
+                     check_values: bool = True) -> CheckpointInfo:
     """Check that `directory` is a GPT-2 checkpoint GPT2.from_pretrained loads, reading config.json and only the
     headers of the weight files (safetensors header, torch.save pickle through a restricted unpickler).
 
@@ -149,6 +150,9 @@ def check_checkpoint(directory: str | Path, *, tokenizer_vocab_size: int | None 
     `tokenizer_vocab_size`: the vocabulary of the tokenizer the model will be used with (GPT-2's 50,257 by
     default); a model with fewer token embeddings could not read every token it writes. None: no such check (a
     model with a tokenizer of its own). A larger vocabulary is fine: generation never samples the extra ids.
+
+    `check_values`: also read every weight and refuse a tensor holding NaN or an infinity (a model that cannot
+    compute anything); this reads the whole checkpoint once (numpy on the raw bits, still no torch).
     """
     folder = Path(directory)
     if not folder.is_dir():
@@ -156,7 +160,15 @@ def check_checkpoint(directory: str | Path, *, tokenizer_vocab_size: int | None 
     config = _read_config(folder)
     fields_ = _config_fields(config, tokenizer_vocab_size)
     layout, tensors = _read_weights(folder)
-    return _match_tensors(config, fields_, layout, tensors)
+    info = _match_tensors(config, fields_, layout, tensors)
+    if check_values:
+        from .weight_values import first_non_finite
+
+        found = first_non_finite(folder, info)
+        if found is not None:
+            raise CheckpointError(f"{found[0]}: tensor {found[1]} holds NaN or infinite values; the model cannot "
+                                  "compute anything with it")
+    return info
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -542,5 +542,6 @@ def _threshold(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> to
         probs = torch.softmax(ranked, dim=-1)
         mass_before = probs.cumsum(-1) - probs
         within_p = (mass_before < torch.tensor(top_p, device=device)[:, None]).sum(-1)
-        keep = torch.minimum(keep, within_p)
+        # At least the most likely token, whatever top_p is (one below float32's smallest value reads as 0).
+        keep = torch.minimum(keep, within_p.clamp(min=1))
     return ranked.gather(1, keep[:, None] - 1)

@@ -32,7 +32,10 @@ PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_VOCAB_SIZE = 50257
 MAX_SEED = 2**63 - 1
 SUFFIX_MAX = 40
-Metadata = Annotated[dict[str, str], Field(max_length=16, description="Up to 16 string key-value pairs.")]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16, description="Up to 16 key-value pairs: keys up to 64 characters, values up to 512."),
+]
 ResourceId = Annotated[str, Field(min_length=1, max_length=ID_LENGTH, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -132,11 +135,14 @@ class Sampling(Strict):
 
     def ignored(self) -> list[str]:
         """Explicit settings that cannot take effect, as messages (reported as warning events)."""
-        if self.temperature == 0:
-            return [f"temperature 0 is greedy decoding: {field} {value} has no effect"
-                    for field, value in (("top_k", self.top_k), ("top_p", self.top_p))
-                    if field in self.model_fields_set and value != Sampling.model_fields[field].default]
-        return []
+        if self.temperature != 0:
+            return []
+        found = [f"temperature 0 is greedy decoding: {field} {value} has no effect"
+                 for field, value in (("top_k", self.top_k), ("top_p", self.top_p))
+                 if field in self.model_fields_set and value != Sampling.model_fields[field].default]
+        if self.n > 1:
+            found.append(f"temperature 0 is greedy decoding: the n {self.n} completions of a prompt are identical")
+        return found
 
 
 class TrainSpec(Strict):

@@ -47,8 +47,8 @@ def check_name(text: str, what: str, max_length: int) -> str | None:
         return f"{what} must be at most {max_length} characters, got {len(text)}"
     if not storable(text):
         return f"{what} must not contain unpaired surrogates"
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
-        return f"{what} must not contain control characters"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in text):
+        return f"{what} must not contain control characters or line breaks"
     return None
 
 

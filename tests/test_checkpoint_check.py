@@ -664,3 +664,27 @@ def test_check_passes_exactly_when_from_pretrained_loads(prefix, buffers, seed, 
         reference = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
         idx = torch.randint(0, 50257, (1, info.n_positions))
         torch.testing.assert_close(logits_of(model, idx), logits_of(reference, idx), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(tmp_path, dtype, layout, value):
+    """A NaN or infinite weight makes every output NaN: refused by the check and the loader, naming the tensor."""
+    model = hf_tiny().to(dtype)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[2, 3] = value
+    if layout == "safetensors":
+        model.save_pretrained(tmp_path)
+    else:
+        save_bin(model, tmp_path)
+    message = refused(tmp_path, "tensor h.1.mlp.c_proj.weight holds NaN or infinite values")
+    assert message.startswith("model.safetensors:" if layout == "safetensors" else "pytorch_model.bin:")
+    assert check_checkpoint(tmp_path, check_values=False).parameter_count > 0  # the header pass alone is fine
+
+
+def test_non_finite_values_in_ignored_tensors_are_fine(saved):
+    directory, _ = saved
+    edit_safetensors(directory, lambda tensors: tensors.__setitem__("score.weight", torch.full((2, C), float("nan"))))
+    assert "score.weight" in check_checkpoint(directory).ignored
+    GPT2.from_pretrained(directory)

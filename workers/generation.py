@@ -44,6 +44,7 @@ class Item:
     prompt: str
     sampling: Sampling  # the job's sampling with this line's overrides
     explicit_seed: bool  # the line set its own seed
+    overridden: bool = False  # the line has sampling overrides of its own
 
 
 class ModelCache:
@@ -90,8 +91,20 @@ def load_items(job: Job, input_file: File | None) -> list[Item]:
     with open(input_file.storage_path, "rb") as stream:
         return [Item(line.index, line.custom_id, line.prompt,
                      spec.sampling.merged(line.sampling) if line.sampling else spec.sampling,
-                     line.sampling is not None and line.sampling.seed is not None)
+                     line.sampling is not None and line.sampling.seed is not None, line.sampling is not None)
                 for line in read_generation_file(stream, input_file.filename)]
+
+
+def line_warnings(items: list[Item]) -> list[str]:
+    """Settings of the input file's lines that cannot take effect (the job's own were reported at submission),
+    one message per kind, with how many lines and the first line's custom_id."""
+    found: dict[str, list[str | None]] = {}
+    for item in items:
+        if item.overridden:
+            for message in item.sampling.ignored():
+                found.setdefault(message, []).append(item.custom_id)
+    return [f"{message} (in {len(ids)} line{'s' if len(ids) > 1 else ''} of the input file; first: custom_id "
+            f"{ids[0]!r})" for message, ids in found.items()]
 
 
 def item_seed(job_seed: int, index: int) -> int:
@@ -197,6 +210,9 @@ def run_generation(rt: Runtime, job_id: str) -> None:
         try:
             items = load_items(job, input_file)
             with rt.transaction() as session:
+                if job.attempts == 1:
+                    for message in line_warnings(items):
+                        repository.add_event(session, job_id, message, level="warning")
                 shards = execution.plan_shards(session, job_id, len(items), rt.settings.generation_shard_size)
             for _ in range(min(shards - 1, MAX_FANOUT)):
                 enqueue(rt.celery, "generate", job_id)

@@ -163,6 +163,9 @@ def error_for(exc: BaseException, job_id: str, paths: dict[str, str] | None = No
         error = {"code": "invalid_file", "message": user_message(str(exc), paths), "param": "training_file"}
     elif isinstance(exc, CheckpointError):
         error = {"code": "invalid_model", "message": user_message(str(exc), paths), "param": "model"}
+    elif isinstance(exc, FloatingPointError):  # gpt2core.Trainer: the loss became NaN or infinite
+        error = {"code": "training_diverged", "message": f"Training diverged: {exc}. Try a lower learning_rate "
+                 "(or more warmup_steps).", "param": "hyperparameters.learning_rate"}
     elif isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         error = {"code": "out_of_memory", "message": "The job ran out of memory. Try a smaller batch_size (with more "
                  "grad_accum_steps) or a smaller model.", "param": "hyperparameters.batch_size"}

@@ -242,3 +242,33 @@ def test_property_archive_imported_iff_from_pretrained_loads(helper, auth, tmp_p
     assert response.status_code == (201 if loads else 400), response.json
     if not loads:
         assert response.json["error"]["code"] == "invalid_model" and "/tmp" not in response.json["error"]["message"]
+
+
+def test_checkpoint_with_nan_weights_is_refused_at_import(helper, auth, tiny_model, tmp_path):
+    """Found by a new user: NaN weights imported with 201, then generation wrote token 0 forever and fine-tuning
+    failed with internal_error. The check now reads the weights' values too."""
+    import tarfile
+
+    import torch
+
+    with torch.no_grad():
+        tiny_model.transformer.wte.weight[5] = float("inf")
+    tiny_model.save_pretrained(tmp_path / "m")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in (tmp_path / "m").iterdir():
+            tar.add(path, arcname=path.name)
+    response = import_archive(helper, auth, buffer.getvalue())
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_model"
+    assert response.json["error"]["message"].startswith("model.safetensors: tensor wte.weight holds NaN or infinite")
+
+
+def test_metadata_is_bounded_and_results_say_their_charset(helper, auth):
+    body = {"type": "generate", "model": helper.create_model(auth), "prompts": ["x"]}
+    response = helper.submit(auth, {**body, "metadata": {"k" * 65: "v"}})
+    assert response.status_code == 422 and response.json["error"]["param"].startswith("metadata"), response.json
+    response = helper.submit(auth, {**body, "metadata": {"k": "v" * 513}})
+    assert response.status_code == 422 and response.json["error"]["param"] == "metadata.k", response.json
+    job = helper.submit_job(auth, {**body, "metadata": {"k" * 64: "v" * 512}})
+    results = helper.client.get(f"/v1/jobs/{job['id']}/results.jsonl", headers=auth)
+    assert results.headers["Content-Type"] == "application/x-ndjson; charset=utf-8"

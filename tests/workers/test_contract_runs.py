@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from sqlalchemy import select
 
 from api import create_app
-from gpt2core import GPT2, GPT2Config, GPT2Tokenizer, SamplingParams, generate
+from gpt2core import GPT2, CheckpointError, GPT2Config, GPT2Tokenizer, SamplingParams, generate
 from gpt2core.checkpoint import check_checkpoint
 from jobs import repository, uploads
 from jobs.db import session_scope
@@ -261,3 +261,42 @@ def test_property_an_accepted_generation_file_never_fails_its_job(rt, owner, tin
     job_id, results = run_file(rt, owner, model_id, content)
     assert job(rt, job_id).status == "succeeded", job(rt, job_id).error
     assert [(r.custom_id, r.prompt) for r in results] == [(i.custom_id, i.prompt) for i in expected]
+
+
+def test_settings_a_file_line_cannot_honour_are_warned_about(rt, owner, tiny_model):
+    model_id = register(rt, owner, tiny_model, "tiny")
+    content = (b'{"custom_id": "a", "prompt": "x", "sampling": {"temperature": 0, "top_k": 5}}\n'
+               b'{"custom_id": "b", "prompt": "y"}\n'
+               b'{"custom_id": "c", "prompt": "z", "sampling": {"temperature": 0, "top_k": 9, "n": 2}}\n')
+    job_id, results = run_file(rt, owner, model_id, content)
+    assert job(rt, job_id).status == "succeeded"
+    assert [e.message for e in events(rt, job_id) if e.level == "warning"] == [
+        "temperature 0 is greedy decoding: top_k 5 has no effect (in 1 line of the input file; first: custom_id 'a')",
+        "temperature 0 is greedy decoding: top_k 9 has no effect (in 1 line of the input file; first: custom_id 'c')",
+        "temperature 0 is greedy decoding: the n 2 completions of a prompt are identical (in 1 line of the input "
+        "file; first: custom_id 'c')"]
+
+
+def test_tiny_top_p_keeps_the_most_likely_token(rt, owner, tiny_model):
+    """top_p below float32's smallest value read as 0 and kept no token at all: every prompt failed."""
+    model_id = register(rt, owner, tiny_model, "tiny")
+    spec = GenerateSpec(type="generate", model=model_id, prompts=["a", "b"],
+                        sampling=Sampling(max_new_tokens=3, top_p=1e-320))
+    job_id = submit(rt, owner, spec, base_model_id=model_id)
+    run_generation(rt, job_id)
+    with session_scope(rt.sessions) as session:
+        results = list(session.scalars(select(GenerationResult).where(GenerationResult.job_id == job_id)))
+    assert [r.error for r in results] == [None, None] and all(r.completions[0]["tokens"] == 3 for r in results)
+
+
+def test_non_finite_model_cannot_be_registered_nor_trained(rt, tiny_model):
+    """A checkpoint with a NaN weight is refused by the one check (import and from_pretrained alike); a run whose
+    loss becomes NaN ends 'training_diverged', the user's to act on, not internal_error."""
+    with torch.no_grad():
+        tiny_model.transformer.h[0].attn.c_attn.weight[0, 0] = float("nan")
+    tiny_model.save_pretrained(rt.artifacts.root / "nan")
+    with pytest.raises(CheckpointError, match="h.0.attn.c_attn.weight holds NaN"):
+        check_checkpoint(rt.artifacts.root / "nan")
+    error = error_for(FloatingPointError("training loss is nan at step 12"), "job-x")
+    assert error["code"] == "training_diverged" and error["param"] == "hyperparameters.learning_rate"
+    assert error["message"].startswith("Training diverged: training loss is nan at step 12.")
