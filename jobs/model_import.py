@@ -16,7 +16,7 @@ from typing import IO
 
 from sqlalchemy.orm import Session, sessionmaker
 
-# gpt2core.checkpoint imports neither torch nor numpy (a test keeps it so): the API runs without torch.
+# gpt2core.checkpoint imports no torch (a test keeps it so; numpy only while it scans values): the API runs without torch.
 from gpt2core.checkpoint import CheckpointError, check_checkpoint
 from jobs import repository
 from jobs.db import session_scope

@@ -23,7 +23,7 @@ from transformers import GPT2Config as HFConfig
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from gpt2core import GPT2, CheckpointError, GPT2Config, GPT2Tokenizer, SamplingParams, generate
-from gpt2core.checkpoint import CheckpointInfo, _parameter_count, check_checkpoint
+from gpt2core.checkpoint import CheckpointInfo, parameter_count, check_checkpoint
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, n_positions=32)
 C = TINY["n_embd"]
@@ -123,9 +123,9 @@ def test_safetensors(saved):
     assert info.files == ["model.safetensors"]
 
 
-def test_gpt2_small_parameter_count():
+def test_gpt2_smallparameter_count():
     defaults = dict(n_layer=12, n_embd=768, n_positions=1024, vocab_size=50257, n_inner=None)
-    assert _parameter_count(defaults) == 124_439_808
+    assert parameter_count(defaults) == 124_439_808
 
 
 def test_sharded_safetensors(tmp_path):

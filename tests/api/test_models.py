@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from gpt2core.checkpoint import _parameter_count
+from gpt2core.checkpoint import parameter_count
 from jobs import repository
 from jobs.db import session_scope
 from jobs.models import Model
@@ -105,10 +105,6 @@ def upload(client, headers, content: bytes, filename: str = "model.tar.gz", **fo
 def artifact_leftovers(app) -> list[str]:
     root = app.extensions["gpt2jobs"].artifacts.root
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def parameter_count(config: dict) -> int:
-    return _parameter_count({"n_inner": None, **config})
 
 
 def test_parameter_count_formula():

@@ -12,8 +12,11 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from .common import normalise_key
+from .torch_archive import _HeaderUnpickler
+
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointInfo
+    from .common import CheckpointInfo
 
 #: dtype -> (unsigned integer view, exponent mask): a float is NaN or infinite exactly when all its exponent bits
 #: are set (IEEE 754; bfloat16 is float32's upper half).
@@ -31,8 +34,6 @@ def first_non_finite(folder: Path, info: CheckpointInfo) -> tuple[str, str] | No
 
     Reads every used tensor's bytes once, CHUNK_BYTES at a time. The files were already checked by
     check_checkpoint's header pass, so their layout is known to be sound."""
-    from .checkpoint import normalise_key
-
     for file in info.files:
         used = {name for name, (_, _, where) in info.tensors.items() if where == file}
         path = folder / file
@@ -101,8 +102,6 @@ def _torch_zip_storages(archive: zipfile.ZipFile):
     """(stored tensor name, dtype, zip member of its storage) for each float tensor of a torch.save archive, read
     through the same restricted unpickler as the header check. A tensor may view part of its storage: the whole
     storage is scanned."""
-    from .checkpoint import _HeaderUnpickler
-
     prefix = archive.infolist()[0].filename.split("/", 1)[0]
     state = _HeaderUnpickler(io.BytesIO(archive.read(f"{prefix}/data.pkl"))).load()
     for name, tensor in dict.items(state):
