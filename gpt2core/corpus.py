@@ -15,7 +15,7 @@ Rules (every format):
 Plain text: the whole file is one document; CRLF line endings become LF, every other character is kept.
 
 JSONL (one JSON object per line): a line holding only JSON whitespace (spaces, tabs, CRs) is skipped; every other line must be a JSON
-object. Raw control characters inside JSON strings are invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``,
+object, with no key twice in one object. Raw control characters inside JSON strings are invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``,
 ``\\r``) are content. Text with an unpaired surrogate (a lone ``\\ud800`` escape) is refused: it is not text, and
 it cannot be encoded as UTF-8 or stored.
 """
@@ -119,10 +119,31 @@ def is_blank(line: str) -> bool:
     return not line.strip(JSON_WHITESPACE)
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: {"prompt": "a", "prompt": "b"} is refused rather than read as
+    one of the two (which one is not defined by the JSON standard)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return record
+
+
 def parse_json_line(line: str, number: int) -> dict[str, Any]:
     """The JSON object on one line, or :class:`CorpusError` saying why not."""
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise CorpusError(number, f"key {exc.key!r} appears twice in one object") from None
     except json.JSONDecodeError as exc:
         raise CorpusError(number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting too deep to parse

@@ -1,6 +1,6 @@
 """Token datasets: stream text/JSONL corpora into uint16 token files, load them back, draw training batches.
 
-On-disk format (``FORMAT_VERSION`` 1), written by :func:`prepare_dataset` into one directory:
+On-disk format (``FORMAT_VERSION`` 2), written by :func:`prepare_dataset` into one directory:
 
 * ``train.bin`` / ``val.bin``: raw little-endian ``uint16`` token ids (read them with ``np.memmap``).
 * ``meta.json``: token counts, the tokenizer, the split rule and, per source, its sha256 and byte size.
@@ -46,7 +46,7 @@ import torch
 
 from .corpus import CorpusError, iter_jsonl_texts, iter_text
 
-FORMAT_VERSION = 2  # 2: reading rules of gpt2core.corpus (CRLF read as LF in plain text)
+FORMAT_VERSION = 2  # 2: reading rules of gpt2core.corpus (CRLF read as LF in plain text, no duplicate JSON keys)
 TOKEN_DTYPE = np.uint16
 META_FILE = "meta.json"
 TRAIN_FILE = "train.bin"

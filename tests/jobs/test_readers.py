@@ -212,3 +212,14 @@ def test_readers_need_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("content, filename, check_fn", [
+    (b'{"custom_id": "a", "prompt": "x", "custom_id": "b"}\n', "in.jsonl", check_generation_file),
+    (b'{"custom_id": "a", "prompt": "x", "sampling": {"n": 1, "n": 2}}\n', "in.jsonl", check_generation_file),
+    (b'{"text": "a", "text": "b"}\n', "t.jsonl", check_training_file),
+])
+def test_duplicate_keys_are_refused(content, filename, check_fn):
+    """Which of two equal keys wins is not defined by JSON: refused, naming the key, rather than guessed."""
+    with pytest.raises(FileRejected, match="line 1: key '(custom_id|n|text)' appears twice"):
+        check(check_fn, content, filename)
