@@ -14,10 +14,10 @@ Rules (every format):
 
 Plain text: the whole file is one document; CRLF line endings become LF, every other character is kept.
 
-JSONL (one JSON object per line): a line holding only JSON whitespace (spaces, tabs, CRs) is skipped; every other line must be a JSON
-object, with no key twice in one object. Raw control characters inside JSON strings are invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``,
-``\\r``) are content. Text with an unpaired surrogate (a lone ``\\ud800`` escape) is refused: it is not text, and
-it cannot be encoded as UTF-8 or stored.
+JSONL (one JSON object per line): a line holding only JSON whitespace (spaces, tabs, CRs) is skipped; every other
+line must be a JSON object, with no key twice in one object. Raw control characters inside JSON strings are
+invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``, ``\\r``) are content. Text with an unpaired surrogate
+(a lone ``\\ud800`` escape) is refused: it is not text, and it cannot be encoded as UTF-8 or stored.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def load_pretrained(cls: type["GPT2"], path: str | Path, *, tokenizer_vocab_size
     config = config_from_checkpoint(info)
     if overrides:
         config = GPT2Config.from_dict({**config.to_dict(), **overrides})
-    model = cls(config)
+    model = _uninitialised(cls, config)
     params = {normalise_key(k): p for k, p in model.state_dict().items() if k != "lm_head.weight"}
     missing = [name for name in params if name not in info.tensors]
     if missing:
@@ -71,6 +71,16 @@ def load_pretrained(cls: type["GPT2"], path: str | Path, *, tokenizer_vocab_size
             tensors = _read_tensors(directory, file, names)
             for name in names:
                 _copy_into(params[name], name, tensors.pop(name), file, config)
+    return model
+
+
+def _uninitialised(cls: type["GPT2"], config: GPT2Config) -> "GPT2":
+    """The model with allocated but unset parameters: every one is then overwritten from the checkpoint, so the
+    random initialisation (most of a load's time for gpt2-sized models) is skipped."""
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty allocates each module's parameters anew
     return model
 
 
