@@ -59,6 +59,13 @@ def reject_unstorable_text() -> None:
                            name)
 
 
+def refuse_repeated_form_fields(*names: str) -> None:
+    """400 naming a multipart field sent more than once: which copy was meant is not for the server to guess."""
+    for name in names:
+        if len(request.form.getlist(name)) + len(request.files.getlist(name)) > 1:
+            raise ApiError(400, "invalid_request", f"the multipart field '{name}' was sent more than once", name)
+
+
 def v1_blueprint(name: str) -> Blueprint:
     blueprint = Blueprint(name, __name__, url_prefix="/v1")
     blueprint.before_request(require_api_key)

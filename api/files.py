@@ -7,7 +7,7 @@ from jobs import repository
 from jobs.models import FILE_PURPOSES, File
 from jobs import uploads
 
-from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 
 files = v1_blueprint("files")
@@ -25,6 +25,7 @@ def file_object(file: File) -> dict:
         "bytes": file.bytes,
         "sha256": file.sha256,
         "records": file.records,
+        "tokens": file.tokens,
         "created_at": unix(file.created_at),
     }
 
@@ -35,6 +36,7 @@ def upload_file():
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Upload files as multipart/form-data with fields file and purpose.")
     request.max_content_length = platform().settings.max_upload_bytes + MULTIPART_OVERHEAD
+    refuse_repeated_form_fields("file", "purpose")
     purpose = request.form.get("purpose")
     if purpose not in FILE_PURPOSES:
         raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")

@@ -5,17 +5,17 @@ import json
 from typing import Any, Iterator
 
 from flask import Response, request
-from werkzeug.exceptions import BadRequest
 
 from jobs import repository
 from jobs.db import session_scope
-from jobs.errors import BrokerUnavailable, Conflict
+from jobs.errors import BrokerUnavailable, Conflict, InvalidInput
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
 from jobs.queue import enqueue
 from jobs.specs import JOB_SPEC
 from jobs.submission import submit_job as submit
 from jobs.models import NAME_LENGTH
-from jobs.text import check_name, storable
+from jobs.readers import parse_json_body
+from jobs.text import storable
 
 from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
@@ -53,9 +53,9 @@ def json_body() -> Any:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the job as JSON (Content-Type: application/json).")
     try:
-        body = request.get_json()
-    except (BadRequest, RecursionError):  # RecursionError: nested too deeply for the JSON parser
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.", "body") from None
+        body = parse_json_body(request.get_data())
+    except InvalidInput as exc:
+        raise ApiError(400, "invalid_json", exc.message, "body") from None
     check_text(body)
     return body
 
@@ -92,8 +92,9 @@ def submit_job():
         raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
     spec = JOB_SPEC.validate_python(body)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and (problem := check_name(key, "Idempotency-Key", NAME_LENGTH)):
-        raise ApiError(400, "invalid_request", f"{problem}.", "Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= NAME_LENGTH and key.isascii() and key.isprintable()):
+        raise ApiError(400, "invalid_request", f"Idempotency-Key must be 1 to {NAME_LENGTH} printable ASCII "
+                       "characters.", "Idempotency-Key")
     try:
         with unit_of_work() as session:
             job, created = submit(

@@ -15,7 +15,7 @@ from flask import Response, current_app, request
 from jobs import model_import, repository
 from jobs.models import Model
 
-from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 
 models = v1_blueprint("models")
@@ -78,6 +78,7 @@ def import_model():
     """Import a Hugging Face format archive (multipart `file`, a tar or zip of config.json and weights)."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Send the model archive as multipart/form-data.", "file")
+    refuse_repeated_form_fields("file", "name")
     upload = request.files.get("file")
     if upload is None:
         raise ApiError(400, "invalid_request", "A 'file' part with the model archive is required.", "file")

@@ -125,7 +125,7 @@ class DuplicateKey(ValueError):
         self.key = key
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different: {"prompt": "a", "prompt": "b"} is refused rather than read as
     one of the two (which one is not defined by the JSON standard)."""
     record = dict(pairs)
@@ -141,7 +141,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_json_line(line: str, number: int) -> dict[str, Any]:
     """The JSON object on one line, or :class:`CorpusError` saying why not."""
     try:
-        record = json.loads(line, object_pairs_hook=_unique_keys)
+        record = json.loads(line, object_pairs_hook=unique_keys)
     except DuplicateKey as exc:
         raise CorpusError(number, f"key {exc.key!r} appears twice in one object") from None
     except json.JSONDecodeError as exc:

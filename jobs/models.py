@@ -116,6 +116,9 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     records: Mapped[int] = mapped_column(Integer)
+    # A training file's exact token count (documents and their end-of-text tokens), counted at upload for files
+    # of up to jobs.readers.TOKEN_COUNT_MAX_BYTES; NULL for larger files and generation files.
+    tokens: Mapped[int | None] = mapped_column(BigInteger)
     storage_path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -14,13 +14,25 @@ README's "File formats".
 from __future__ import annotations
 
 from collections.abc import Iterator
+import json
+import math
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 # gpt2core.corpus imports neither torch nor numpy (a test keeps it so): the API runs without torch.
-from gpt2core.corpus import CorpusError, check_text, is_blank, iter_jsonl_texts, iter_lines, iter_text, parse_json_line
+from gpt2core.corpus import (
+    CorpusError,
+    DuplicateKey,
+    check_text,
+    is_blank,
+    iter_jsonl_texts,
+    iter_lines,
+    iter_text,
+    parse_json_line,
+    unique_keys,
+)
 from jobs.errors import InvalidInput
 from jobs.models import NAME_LENGTH
 from jobs.specs import Sampling
@@ -29,6 +41,24 @@ from jobs.text import check_name
 #: A training file with one of these suffixes is JSONL ({"text": ...} per line); any other is plain text.
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GENERATION_FIELDS = ("custom_id", "prompt", "sampling")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A JSON request body, read by the rules of the file readers: UTF-8, no key twice in one object. Raises
+    InvalidInput (param "body") saying what is wrong."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise InvalidInput(f"body: key {exc.key!r} appears twice in one object", param="body") from None
+    except UnicodeDecodeError:
+        raise InvalidInput("body: the request body is not UTF-8", param="body") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"body: not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
+                           param="body") from None
+    except RecursionError:
+        raise InvalidInput("body: not valid JSON: nested too deeply", param="body") from None
+    except ValueError:  # an integer of over 4300 digits
+        raise InvalidInput("body: a number has more than 4,300 digits", param="body") from None
 
 
 def is_jsonl(filename: str) -> bool:
@@ -125,3 +155,27 @@ def check_training_file(stream: BinaryIO, filename: str) -> int:
 
 
 CHECKS = {"train": check_training_file, "generate": check_generation_file}
+
+#: Training files up to this size get their exact token count at upload (milliseconds of tokenizing). A larger
+#: file holds at least 8,192 tokens (GPT-2's longest token is 128 bytes): more than any GPT-2 context needs.
+TOKEN_COUNT_MAX_BYTES = 1 << 20
+#: Without a validation_file, this fraction of a training file's tokens (its tail) is held out for validation.
+HELD_OUT_FRACTION = 0.05
+
+
+def count_training_tokens(stream: BinaryIO, filename: str) -> int:
+    """The tokens training makes of an accepted training file: GPT-2 BPE of each document plus its end-of-text
+    token (gpt2core.data.prepare_dataset's rule), read by the same reader."""
+    from gpt2core.tokenizer import GPT2Tokenizer  # tiktoken, no torch
+
+    tokenizer = GPT2Tokenizer()
+    if is_jsonl(filename):
+        return sum(len(tokenizer.encode(text)) + 1 for _, text in iter_jsonl_texts(stream) if text)
+    text = "".join(iter_text(stream))
+    return len(tokenizer.encode(text)) + 1 if text else 0
+
+
+def training_tokens(tokens: int, held_out: bool) -> int:
+    """The tokens training gets from a file of `tokens` tokens: all, or all but the validation tail when
+    `held_out` (gpt2core.data's split: the last ceil(n * fraction) tokens)."""
+    return tokens - math.ceil(tokens * HELD_OUT_FRACTION) if held_out else tokens

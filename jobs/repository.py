@@ -18,7 +18,7 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.errors import Conflict, InvalidInput, NotFound
+from jobs.errors import Conflict, InvalidInput, InvalidRequest, NotFound
 from jobs.models import (
     FILE_PURPOSES,
     JOB_TYPES,
@@ -140,7 +140,7 @@ def revoke_api_key(session: Session, owner: str, key_id: str) -> ApiKey:
 
 
 def create_file(session: Session, owner: str, purpose: str, filename: str, blob: StoredBlob, records: int,
-                file_id: str | None = None) -> File:
+                file_id: str | None = None, tokens: int | None = None) -> File:
     """Record an upload already written by ArtifactStore.write_stream (pass the id its path was made from)."""
     if purpose not in FILE_PURPOSES:
         raise InvalidInput(f"purpose must be one of {', '.join(FILE_PURPOSES)}", param="purpose")
@@ -152,6 +152,7 @@ def create_file(session: Session, owner: str, purpose: str, filename: str, blob:
         bytes=blob.bytes,
         sha256=blob.sha256,
         records=records,
+        tokens=tokens,
         storage_path=str(blob.path),
     )
     session.add(file)
@@ -310,9 +311,9 @@ def get_job(session: Session, owner: str, job_id: str) -> Job:
 def list_jobs(session: Session, owner: str, type: str | None = None, status: str | None = None,
               after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
     if type is not None and type not in JOB_TYPES:
-        raise InvalidInput(f"type must be one of {', '.join(JOB_TYPES)}", param="type")
+        raise InvalidRequest(f"type must be one of {', '.join(JOB_TYPES)}", param="type", status=400)
     if status is not None and status not in STATUSES:
-        raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", param="status")
+        raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", param="status", status=400)
     stmt = select(Job).where(Job.owner == owner)
     if type is not None:
         stmt = stmt.where(Job.type == type)

@@ -28,6 +28,10 @@ from jobs.models import ID_LENGTH, Job
 
 #: GPT-2's released shapes; gpt2core.config.PRESETS holds the same names (a test keeps them equal).
 PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+#: What a periodic hyperparameter larger than the run still does (the Trainer always evaluates and checkpoints at
+#: the end of a run).
+AT_THE_END = {"eval_every": "only the final evaluation will run", "checkpoint_every": "only the final "
+              "checkpoint will be written", "sample_every": "no samples will be drawn"}
 #: GPT-2's tokenizer: 50,256 BPE tokens and <|endoftext|>.
 TOKENIZER_VOCAB_SIZE = 50257
 MAX_SEED = 2**63 - 1
@@ -40,7 +44,7 @@ ResourceId = Annotated[str, Field(min_length=1, max_length=ID_LENGTH, pattern=r"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelShape(Strict):
@@ -134,14 +138,18 @@ class Sampling(Strict):
         return self.model_copy(update=overrides.model_dump(exclude_unset=True))
 
     def ignored(self) -> list[str]:
-        """Explicit settings that cannot take effect, as messages (reported as warning events)."""
-        if self.temperature != 0:
+        """Explicit settings that cannot take effect, as messages (reported as warning events). temperature 0 and
+        top_k 1 are both greedy decoding: the other sampling settings change nothing, and n > 1 repeats itself."""
+        if self.temperature == 0:
+            why, others = "temperature 0 is greedy decoding", ("top_k", "top_p")
+        elif self.top_k == 1:
+            why, others = "top_k 1 is greedy decoding", ("temperature", "top_p")
+        else:
             return []
-        found = [f"temperature 0 is greedy decoding: {field} {value} has no effect"
-                 for field, value in (("top_k", self.top_k), ("top_p", self.top_p))
-                 if field in self.model_fields_set and value != Sampling.model_fields[field].default]
+        found = [f"{why}: {field} {getattr(self, field)} has no effect" for field in others
+                 if field in self.model_fields_set and getattr(self, field) != Sampling.model_fields[field].default]
         if self.n > 1:
-            found.append(f"temperature 0 is greedy decoding: the n {self.n} completions of a prompt are identical")
+            found.append(f"{why}: the n {self.n} completions of a prompt are identical")
         return found
 
 

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from jobs import repository
 from jobs.errors import InvalidRequest
 from jobs.models import NAME_LENGTH, File, Job, Model
-from jobs.specs import AnySpec, FinetuneSpec, GenerateSpec, ModelShape, TrainSpec, resolve, stored_params
+from jobs.readers import HELD_OUT_FRACTION, training_tokens
+from jobs.specs import AT_THE_END, AnySpec, FinetuneSpec, GenerateSpec, ModelShape, TrainSpec, resolve, stored_params
 from jobs.text import check_name
 
 
@@ -61,11 +62,14 @@ def check_runnable(session: Session, spec: AnySpec, job: Job, model: Model | Non
         file = session.get(File, job.training_file_id) if job.training_file_id else None
         block_size = (model_context(model) if model is not None else
                       spec.model.block_size if isinstance(spec.model, ModelShape) else PRESET_CONTEXT)
-        # A GPT-2 token is at least one byte, and each document adds one end-of-text token: a bound, not a count.
-        if file is not None and file.bytes + file.records <= block_size:
-            raise InvalidRequest(
-                f"training_file: {file.filename!r} holds at most {file.bytes + file.records} tokens; training needs "
-                f"more than the model's context of {block_size}", param="training_file")
+        held_out = spec.validation_file is None
+        if file is not None and file.tokens is not None:
+            train_tokens = training_tokens(file.tokens, held_out)
+            if train_tokens <= block_size:
+                held = f" after the {HELD_OUT_FRACTION:.0%} held out for validation" if held_out else ""
+                raise InvalidRequest(
+                    f"training_file: {file.filename!r} gives {train_tokens} training tokens{held}; training needs "
+                    f"more than the model's context of {block_size}", param="training_file")
     if isinstance(spec, GenerateSpec) and model is not None:
         context = model_context(model)
         if spec.sampling.max_new_tokens >= context:
@@ -101,6 +105,6 @@ def warnings(spec: AnySpec) -> list[str]:
         for field in ("eval_every", "checkpoint_every", "sample_every"):
             every = getattr(hyper, field)
             if field in hyper.model_fields_set and every > hyper.max_steps:
-                found.append(f"hyperparameters.{field} {every} is more than max_steps {hyper.max_steps}: it will "
-                             "never happen during this run")
+                found.append(f"hyperparameters.{field} {every} is more than max_steps {hyper.max_steps}: "
+                             f"{AT_THE_END[field]}")
     return found

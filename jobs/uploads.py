@@ -10,7 +10,7 @@ from jobs import repository
 from jobs.db import session_scope
 from jobs.errors import InvalidRequest
 from jobs.models import FILE_PURPOSES, NAME_LENGTH, File, new_id
-from jobs.readers import CHECKS
+from jobs.readers import CHECKS, TOKEN_COUNT_MAX_BYTES, count_training_tokens
 from jobs.storage import ArtifactStore
 from jobs.text import check_name
 
@@ -33,8 +33,13 @@ def upload_file(sessions: sessionmaker[Session], store: ArtifactStore, owner: st
     try:
         with blob.path.open("rb") as stored:
             records = CHECKS[purpose](stored, filename)
+        tokens = None
+        if purpose == "train" and blob.bytes <= TOKEN_COUNT_MAX_BYTES:
+            with blob.path.open("rb") as stored:
+                tokens = count_training_tokens(stored, filename)
         with session_scope(sessions) as session:
-            file = repository.create_file(session, owner, purpose, filename, blob, records, file_id=file_id)
+            file = repository.create_file(session, owner, purpose, filename, blob, records, file_id=file_id,
+                                          tokens=tokens)
     except BaseException:
         store.delete(blob.path)
         raise

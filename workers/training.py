@@ -20,8 +20,8 @@ from gpt2core.train import StepMetrics, TrainerCallback, latest_checkpoint
 from jobs import execution, repository
 from jobs.errors import DomainError
 from jobs.models import File, Job, Model
-from jobs.readers import is_jsonl
-from jobs.specs import FinetuneSpec, TrainSpec, job_spec
+from jobs.readers import HELD_OUT_FRACTION as VAL_FRACTION, is_jsonl
+from jobs.specs import AT_THE_END, FinetuneSpec, TrainSpec, job_spec
 from jobs.states import CANCELLED, FAILED, SUCCEEDED
 
 from .convert import model_config, new_model, train_config
@@ -29,7 +29,6 @@ from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
 
 log = logging.getLogger("workers.training")
 
-VAL_FRACTION = 0.05  # held out of the training file when the job names no validation_file
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes
 METRIC_EVENTS = 100  # about this many metrics events over a run
 
@@ -241,7 +240,7 @@ def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int
             every = getattr(hyper, field)
             if every > steps and not (field == "eval_every" and not has_val):
                 found.append(f"hyperparameters.{field} {every} is more than the run's {steps} steps "
-                             f"({hyper.n_epochs:g} epochs): it will never happen")
+                             f"({hyper.n_epochs:g} epochs): {AT_THE_END[field]}")
     return found
 
 

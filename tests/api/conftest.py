@@ -54,7 +54,7 @@ def other_auth(app) -> dict[str, str]:
 # Helpers shared by the files, jobs and tenancy tests: apps with other settings, uploads, submissions, rows
 # inserted the way a worker would, and a look inside the filesystem broker.
 
-TRAIN_TEXT = ("Once upon a time there was a tiny model.\nIt learned to write.\n" * 20).encode()  # > 1024 bytes
+TRAIN_TEXT = ("Once upon a time there was a tiny model.\nIt learned to write.\n" * 80).encode()  # > 1024 tokens
 GENERATE_JSONL = b'{"custom_id": "a", "prompt": "Hello"}\n{"custom_id": "b", "prompt": "Bye", "sampling": {"n": 2}}\n'
 
 

@@ -319,8 +319,8 @@ def test_list_is_newest_first_with_type_and_status_filters(helper, auth, refs):
     assert job_ids(helper, auth, "?status=running&type=train") == [train]
     assert job_ids(helper, auth, "?status=running&type=finetune") == []
     assert "queued, running" in assert_error(helper.client.get("/v1/jobs?status=done", headers=auth), 400,
-                                             "invalid_input", "status")
-    assert_error(helper.client.get("/v1/jobs?type=pretrain", headers=auth), 400, "invalid_input", "type")
+                                             "invalid_request", "status")
+    assert_error(helper.client.get("/v1/jobs?type=pretrain", headers=auth), 400, "invalid_request", "type")
 
 
 def test_job_paging(helper, auth, refs):

@@ -10,7 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpt2core import load_dataset, prepare_dataset
-from jobs.readers import FileRejected, check_generation_file, check_training_file, read_generation_file
+from jobs.readers import (
+    FileRejected,
+    check_generation_file,
+    check_training_file,
+    count_training_tokens,
+    read_generation_file,
+)
 
 
 def check(fn, content: bytes, filename: str):
@@ -197,10 +203,12 @@ def test_property_training_file_accepted_iff_training_reads_it(tmp_path_factory,
         accepted = False
     try:
         prepare_dataset([folder / name], folder / "ds", val_fraction=0.0, format="jsonl" if jsonl else "text")
-        prepared = load_dataset(folder / "ds").train.size > 0
+        tokens = int(load_dataset(folder / "ds").train.size)
     except ValueError:
-        prepared = False
-    assert accepted == prepared
+        tokens = 0
+    assert accepted == (tokens > 0)
+    if accepted:  # the count the upload stores (and submission checks contexts against) is training's own
+        assert count_training_tokens(io.BytesIO(content), name) == tokens
 
 
 def test_readers_need_no_torch():
