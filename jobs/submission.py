@@ -2,7 +2,8 @@
 
 Everything a job will need is checked here, at the door, so an accepted job is one its worker can run: the
 referenced files and model exist, belong to the caller and are locked against a concurrent delete until the job
-is stored; a fine-tune's model name fits its column; a generation's max_new_tokens fits the model's context.
+is stored; a fine-tune's model name fits its column; the training file gives more tokens than the model's context;
+a generation's max_new_tokens fits the model's context.
 Settings that cannot take effect as asked become warning events on the job.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompt
     and InvalidRequest naming the field for a job its worker could not run."""
     if isinstance(spec, GenerateSpec) and spec.prompts is not None and len(spec.prompts) > max_inline_prompts:
         raise InvalidRequest(f"prompts: at most {max_inline_prompts} inline prompts; upload an input_file for more",
-                           param="prompts")
+                             param="prompts")
     spec = resolve(spec)
     refs: dict[str, str | None] = {}
     if isinstance(spec, TrainSpec):
