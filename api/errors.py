@@ -1,15 +1,13 @@
 """Every error is JSON: {"error": {"code", "message", "param"}} with a stable code."""
 from __future__ import annotations
 
-import secrets
-
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from jobs.errors import Conflict, DomainError, NotFound, TooLarge
+from jobs.errors import Conflict, DomainError, NotFound, TooLarge, new_reference
 from jobs.models import JOB_TYPES
 
 from jobs.specs import MODEL_TAGS
@@ -21,11 +19,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
-
-
-def new_reference() -> str:
-    """A short id that joins an error's answer to the log line holding its details."""
-    return f"err-{secrets.token_hex(6)}"
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None):

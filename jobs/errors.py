@@ -1,6 +1,13 @@
 """Domain errors. Each has a stable `code`; the API maps the classes to HTTP statuses (404, 409, 400, 413)."""
 from __future__ import annotations
 
+import secrets
+
+
+def new_reference() -> str:
+    """A short id ("err-3f9c0a1b2c4d") that joins an internal error's answer to the log line holding its details."""
+    return f"err-{secrets.token_hex(6)}"
+
 
 class DomainError(Exception):
     code = "error"

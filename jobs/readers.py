@@ -136,25 +136,42 @@ def check_generation_file(stream: BinaryIO, filename: str) -> int:
     return sum(1 for _ in read_generation_file(stream, filename))
 
 
-def check_training_file(stream: BinaryIO, filename: str) -> int:
-    """Read a whole training file as training would (gpt2core.corpus); its number of documents, or FileRejected.
+def read_training_file(stream: BinaryIO, filename: str, count_tokens: bool = False) -> tuple[int, int | None]:
+    """Read a whole training file as training would (gpt2core.corpus), in one pass: (documents, tokens), tokens
+    only when `count_tokens` (GPT-2 BPE of each document plus its end-of-text token, gpt2core.data's rule).
 
-    A file without any text is refused (training would have no tokens)."""
-    documents = 0
+    FileRejected for a line that breaks the rules, and for a file without any text (training would have no
+    tokens)."""
+    encode = _token_counter() if count_tokens else None
+    documents, tokens = 0, 0
     try:
         if is_jsonl(filename):
-            documents = sum(1 for _, text in iter_jsonl_texts(stream) if text)
+            for _, text in iter_jsonl_texts(stream):
+                if text:
+                    documents += 1
+                    tokens += encode(text) + 1 if encode else 0
         else:
-            for text in iter_text(stream):  # read to the end: every byte is checked
-                documents = documents or int(bool(text))
+            pieces = [text for text in iter_text(stream) if text]  # read to the end: every byte is checked
+            documents = 1 if pieces else 0
+            tokens = encode("".join(pieces)) + 1 if encode and pieces else 0
     except CorpusError as exc:
         raise FileRejected(filename, exc.line, exc.reason) from None
     if not documents:
         raise FileRejected(filename, None, "the file holds no text")
-    return documents
+    return documents, tokens if count_tokens else None
 
 
-CHECKS = {"train": check_training_file, "generate": check_generation_file}
+def _token_counter():
+    from gpt2core.tokenizer import GPT2Tokenizer  # tiktoken, no torch
+
+    tokenizer = GPT2Tokenizer()
+    return lambda text: len(tokenizer.encode(text))
+
+
+def check_training_file(stream: BinaryIO, filename: str) -> int:
+    """The number of documents of a training file read whole (read_training_file), or FileRejected."""
+    return read_training_file(stream, filename)[0]
+
 
 #: Training files up to this size get their exact token count at upload (milliseconds of tokenizing). A larger
 #: file holds at least 8,192 tokens (GPT-2's longest token is 128 bytes): more than any GPT-2 context needs.
@@ -164,15 +181,10 @@ HELD_OUT_FRACTION = 0.05
 
 
 def count_training_tokens(stream: BinaryIO, filename: str) -> int:
-    """The tokens training makes of an accepted training file: GPT-2 BPE of each document plus its end-of-text
-    token (gpt2core.data.prepare_dataset's rule), read by the same reader."""
-    from gpt2core.tokenizer import GPT2Tokenizer  # tiktoken, no torch
-
-    tokenizer = GPT2Tokenizer()
-    if is_jsonl(filename):
-        return sum(len(tokenizer.encode(text)) + 1 for _, text in iter_jsonl_texts(stream) if text)
-    text = "".join(iter_text(stream))
-    return len(tokenizer.encode(text)) + 1 if text else 0
+    """The tokens training makes of an accepted training file (read_training_file)."""
+    tokens = read_training_file(stream, filename, count_tokens=True)[1]
+    assert tokens is not None
+    return tokens
 
 
 def training_tokens(tokens: int, held_out: bool) -> int:

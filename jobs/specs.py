@@ -9,6 +9,7 @@ Validation is strict: a JSON string is not an integer ("5" is refused for max_st
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -23,17 +24,16 @@ from pydantic import (
     model_validator,
 )
 
+from gpt2core.config import GPT2_VOCAB_SIZE  # torch-free: the tokenizer's vocabulary
 from jobs.errors import InvalidInput
 from jobs.models import ID_LENGTH, Job
 
-#: GPT-2's released shapes; gpt2core.config.PRESETS holds the same names (a test keeps them equal).
-PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-#: What a periodic hyperparameter larger than the run still does (the Trainer always evaluates and checkpoints at
-#: the end of a run).
-AT_THE_END = {"eval_every": "only the final evaluation will run", "checkpoint_every": "only the final "
-              "checkpoint will be written", "sample_every": "no samples will be drawn"}
-#: GPT-2's tokenizer: 50,256 BPE tokens and <|endoftext|>.
-TOKENIZER_VOCAB_SIZE = 50257
+#: GPT-2's released shapes: the names of gpt2core.config.PRESETS (a test keeps them equal).
+PresetName = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+#: The periodic hyperparameters, and what one larger than the run still does (the Trainer always evaluates and
+#: checkpoints at the end of a run).
+PERIODIC = {"eval_every": "only the final evaluation will run", "checkpoint_every": "only the final "
+            "checkpoint will be written", "sample_every": "no samples will be drawn"}
 MAX_SEED = 2**63 - 1
 SUFFIX_MAX = 40
 Metadata = Annotated[
@@ -75,7 +75,7 @@ def model_kind(value: Any) -> str:
 # The tags appear in validation error locations right after "model"; api.errors leaves them out of `param`.
 MODEL_TAGS = ("preset", "shape")
 ModelChoice = Annotated[
-    Union[Annotated[Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], Tag("preset")],
+    Union[Annotated[PresetName, Tag("preset")],
           Annotated[ModelShape, Tag("shape")]],
     Discriminator(model_kind),
 ]
@@ -112,6 +112,11 @@ class Hyperparameters(Strict):
             raise ValueError(f"warmup_steps ({value}) must not exceed max_steps ({max_steps})")
         return value
 
+    def beyond_run(self, steps: int, run: str, fields: Iterable[str]) -> list[str]:
+        """Messages for the periodic `fields` whose period exceeds a run of `steps` steps (described as `run`)."""
+        return [f"hyperparameters.{field} {getattr(self, field)} is more than {run}: {PERIODIC[field]}"
+                for field in fields if getattr(self, field) > steps]
+
     @model_validator(mode="after")
     def default_length(self) -> "Hyperparameters":
         if self.max_steps is None and self.n_epochs is None:
@@ -126,7 +131,7 @@ class Sampling(Strict):
 
     max_new_tokens: int = Field(default=64, ge=1, le=1024)
     temperature: float = Field(default=1.0, ge=0, le=5)
-    top_k: int = Field(default=0, ge=0, le=TOKENIZER_VOCAB_SIZE, description="0: no top-k cut.")
+    top_k: int = Field(default=0, ge=0, le=GPT2_VOCAB_SIZE, description="0: no top-k cut.")
     top_p: float = Field(default=1.0, gt=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=4)

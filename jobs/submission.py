@@ -12,11 +12,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+# Torch-free parts of gpt2core (see README, Layout): the presets' shapes and transformers' config defaults.
+from gpt2core.checkpoint.common import CONFIG_DEFAULTS
+from gpt2core.config import GPT2Config
+
 from jobs import repository
 from jobs.errors import InvalidRequest
 from jobs.models import NAME_LENGTH, File, Job, Model
 from jobs.readers import HELD_OUT_FRACTION, training_tokens
-from jobs.specs import AT_THE_END, AnySpec, FinetuneSpec, GenerateSpec, ModelShape, TrainSpec, resolve, stored_params
+from jobs.specs import PERIODIC, AnySpec, FinetuneSpec, GenerateSpec, ModelShape, TrainSpec, resolve, stored_params
 from jobs.text import check_name
 
 
@@ -62,7 +66,8 @@ def check_runnable(session: Session, spec: AnySpec, job: Job, model: Model | Non
     if isinstance(spec, TrainSpec):
         file = session.get(File, job.training_file_id) if job.training_file_id else None
         block_size = (model_context(model) if model is not None else
-                      spec.model.block_size if isinstance(spec.model, ModelShape) else PRESET_CONTEXT)
+                      spec.model.block_size if isinstance(spec.model, ModelShape) else
+                      GPT2Config.preset(spec.model).block_size)
         held_out = spec.validation_file is None
         if file is not None and file.tokens is not None:
             train_tokens = training_tokens(file.tokens, held_out)
@@ -79,13 +84,10 @@ def check_runnable(session: Session, spec: AnySpec, job: Job, model: Model | Non
                 f"the model's context of {context} tokens", param="sampling.max_new_tokens")
 
 
-PRESET_CONTEXT = 1024  # every GPT-2 preset's n_positions
-
-
 def model_context(model: Model) -> int:
-    """The model's context length in tokens (n_positions of its Hugging Face config; 1024 by default)."""
-    value = model.config.get("n_positions", 1024) if isinstance(model.config, dict) else 1024
-    return value if isinstance(value, int) else 1024
+    """The model's context length in tokens: n_positions of its Hugging Face config (transformers' default when
+    absent; the import check made it a positive integer)."""
+    return model.config.get("n_positions", CONFIG_DEFAULTS["n_positions"])
 
 
 def initial_progress(spec: AnySpec) -> dict[str, Any]:
@@ -101,11 +103,7 @@ def warnings(spec: AnySpec) -> list[str]:
     if isinstance(spec, GenerateSpec):
         return spec.sampling.ignored()
     hyper = spec.hyperparameters
-    found = []
-    if hyper.max_steps is not None:
-        for field in ("eval_every", "checkpoint_every", "sample_every"):
-            every = getattr(hyper, field)
-            if field in hyper.model_fields_set and every > hyper.max_steps:
-                found.append(f"hyperparameters.{field} {every} is more than max_steps {hyper.max_steps}: "
-                             f"{AT_THE_END[field]}")
-    return found
+    if hyper.max_steps is None:  # a run in epochs: its length is known once the data is read (the worker warns)
+        return []
+    explicit = [field for field in PERIODIC if field in hyper.model_fields_set]
+    return hyper.beyond_run(hyper.max_steps, f"max_steps {hyper.max_steps}", explicit)

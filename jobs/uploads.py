@@ -10,7 +10,7 @@ from jobs import repository
 from jobs.db import session_scope
 from jobs.errors import InvalidRequest
 from jobs.models import FILE_PURPOSES, NAME_LENGTH, File, new_id
-from jobs.readers import CHECKS, TOKEN_COUNT_MAX_BYTES, count_training_tokens
+from jobs.readers import TOKEN_COUNT_MAX_BYTES, check_generation_file, read_training_file
 from jobs.storage import ArtifactStore
 from jobs.text import check_name
 
@@ -31,12 +31,12 @@ def upload_file(sessions: sessionmaker[Session], store: ArtifactStore, owner: st
     file_id = new_id("file")
     blob = store.write_stream(store.file_path(file_id), stream, max_bytes)
     try:
-        with blob.path.open("rb") as stored:
-            records = CHECKS[purpose](stored, filename)
         tokens = None
-        if purpose == "train" and blob.bytes <= TOKEN_COUNT_MAX_BYTES:
-            with blob.path.open("rb") as stored:
-                tokens = count_training_tokens(stored, filename)
+        with blob.path.open("rb") as stored:
+            if purpose == "train":  # one read: checked, and token-counted when small
+                records, tokens = read_training_file(stored, filename, blob.bytes <= TOKEN_COUNT_MAX_BYTES)
+            else:
+                records = check_generation_file(stored, filename)
         with session_scope(sessions) as session:
             file = repository.create_file(session, owner, purpose, filename, blob, records, file_id=file_id,
                                           tokens=tokens)

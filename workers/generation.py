@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 from gpt2core import GPT2, GPT2Tokenizer, generate
 from gpt2core.generation import Completion, GenerationResult
 from jobs import execution, repository
-from jobs.errors import DomainError
+from jobs.errors import DomainError, new_reference
 from jobs.models import File, Job, Model
 from jobs.queue import enqueue
 from jobs.readers import read_generation_file
@@ -43,8 +42,15 @@ class Item:
     custom_id: str | None
     prompt: str
     sampling: Sampling  # the job's sampling with this line's overrides
-    explicit_seed: bool  # the line set its own seed
-    overridden: bool = False  # the line has sampling overrides of its own
+    overrides: Sampling | None = None  # the line's own "sampling", as written
+
+    @property
+    def seed(self) -> int:
+        """The line's own seed, else one derived from the job's seed and the item's position (item_seed)."""
+        if self.overrides is not None and self.overrides.seed is not None:
+            return self.overrides.seed
+        assert self.sampling.seed is not None  # drawn at submission
+        return item_seed(self.sampling.seed, self.index)
 
 
 class ModelCache:
@@ -86,12 +92,11 @@ def load_items(job: Job, input_file: File | None) -> list[Item]:
         raise JobFailure("invalid_file", exc.message, exc.param) from None
     assert isinstance(spec, GenerateSpec)
     if spec.prompts is not None:
-        return [Item(i, None, prompt, spec.sampling, False) for i, prompt in enumerate(spec.prompts)]
+        return [Item(i, None, prompt, spec.sampling) for i, prompt in enumerate(spec.prompts)]
     assert input_file is not None
     with open(input_file.storage_path, "rb") as stream:
         return [Item(line.index, line.custom_id, line.prompt,
-                     spec.sampling.merged(line.sampling) if line.sampling else spec.sampling,
-                     line.sampling is not None and line.sampling.seed is not None, line.sampling is not None)
+                     spec.sampling.merged(line.sampling) if line.sampling else spec.sampling, line.sampling)
                 for line in read_generation_file(stream, input_file.filename)]
 
 
@@ -100,7 +105,7 @@ def line_warnings(items: list[Item]) -> list[str]:
     one message per kind, with how many lines and the first line's custom_id."""
     found: dict[str, list[str | None]] = {}
     for item in items:
-        if item.overridden:
+        if item.overrides is not None:
             for message in item.sampling.ignored():
                 found.setdefault(message, []).append(item.custom_id)
     return [f"{message} (in {len(ids)} line{'s' if len(ids) > 1 else ''} of the input file; first: custom_id "
@@ -145,8 +150,7 @@ def generate_items(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str
     runnable = []
     for item in items:
         try:
-            seed = item.sampling.seed if item.explicit_seed else item_seed(item.sampling.seed or 0, item.index)
-            params = sampling_params(item.sampling, seed)
+            params = sampling_params(item.sampling, item.seed)
             prompt_tokens = max(len(tok.encode(item.prompt)), 1)
         except Exception as exc:
             results[item.index] = item_failure(item, job_id, exc)
@@ -172,11 +176,9 @@ def generate_items(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str
 
 
 def item_failure(item: Item, job_id: str, exc: Exception) -> dict[str, Any]:
-    """The error line of one prompt that raised: invalid sampling is the user's; anything else gets a reference
-    id that the worker's log shows next to the traceback."""
-    if isinstance(exc, (TypeError, ValueError)) and "SamplingParams" in str(exc):
-        return error_result(item, "invalid_sampling", str(exc), "sampling")
-    reference = f"err-{secrets.token_hex(6)}"
+    """The error line of one prompt that raised, with a reference id that the worker's log shows next to the
+    traceback. (Sampling was validated at the door by jobs.specs, so nothing here is the user's to fix.)"""
+    reference = new_reference()
     log.error("job %s: prompt %d failed (reference %s)", job_id, item.index, reference, exc_info=exc)
     return error_result(item, "generation_failed", f"Generating this prompt failed (reference {reference}).",
                         None)

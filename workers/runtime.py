@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import socket
 import threading
 import time
@@ -18,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import make_engine, make_session_factory, session_scope
+from jobs.errors import new_reference
 from jobs.execution import LeaseLost
 from jobs.queue import make_celery
 from jobs.settings import Settings
@@ -170,7 +170,7 @@ def error_for(exc: BaseException, job_id: str, paths: dict[str, str] | None = No
         error = {"code": "out_of_memory", "message": "The job ran out of memory. Try a smaller batch_size (with more "
                  "grad_accum_steps) or a smaller model.", "param": "hyperparameters.batch_size"}
     else:
-        reference = f"err-{secrets.token_hex(6)}"
+        reference = new_reference()
         log.error("job %s: internal error %s", job_id, reference, exc_info=exc)
         return {"code": "internal_error", "message": f"An internal error stopped the job (reference {reference}; "
                 "the operators find the details under it in the worker's log).", "param": None,

@@ -20,8 +20,8 @@ from gpt2core.train import StepMetrics, TrainerCallback, latest_checkpoint
 from jobs import execution, repository
 from jobs.errors import DomainError
 from jobs.models import File, Job, Model
-from jobs.readers import HELD_OUT_FRACTION as VAL_FRACTION, is_jsonl
-from jobs.specs import AT_THE_END, FinetuneSpec, TrainSpec, job_spec
+from jobs.readers import HELD_OUT_FRACTION, is_jsonl
+from jobs.specs import PERIODIC, FinetuneSpec, TrainSpec, job_spec
 from jobs.states import CANCELLED, FAILED, SUCCEEDED
 
 from .convert import model_config, new_model, train_config
@@ -194,7 +194,7 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     except DomainError as exc:
         raise JobFailure("invalid_file", exc.message, exc.param) from None
     assert isinstance(spec, TrainSpec) and training_file is not None and spec.seed is not None
-    dataset = prepared(rt, training_file, 0.0 if validation_file else VAL_FRACTION)
+    dataset = prepared(rt, training_file, 0.0 if validation_file else HELD_OUT_FRACTION)
     val_tokens = prepared(rt, validation_file, 0.0).train if validation_file else dataset.val
     model, base_name = build_model(rt, job, spec)
     block_size = model.config.block_size
@@ -229,18 +229,15 @@ def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int
     hyper = spec.hyperparameters
     found = []
     if hyper.eval_every and not has_val:
-        source = "validation_file" if spec.validation_file else f"the {VAL_FRACTION:.0%} held out of the training file"
+        source = "validation_file" if spec.validation_file else f"the {HELD_OUT_FRACTION:.0%} held out of the training file"
         found.append(f"hyperparameters.eval_every {hyper.eval_every}: no evaluation will run: {source} has "
                      f"{val_tokens} tokens, the model needs more than its block_size ({block_size})")
     if hyper.warmup_steps and hyper.warmup_steps > steps:
         found.append(f"hyperparameters.warmup_steps {hyper.warmup_steps} is more than the run's {steps} steps: "
                      f"warmup is cut to {steps}")
-    if hyper.n_epochs is not None:
-        for field in ("eval_every", "checkpoint_every", "sample_every"):
-            every = getattr(hyper, field)
-            if every > steps and not (field == "eval_every" and not has_val):
-                found.append(f"hyperparameters.{field} {every} is more than the run's {steps} steps "
-                             f"({hyper.n_epochs:g} epochs): {AT_THE_END[field]}")
+    if hyper.n_epochs is not None:  # with max_steps, these were reported at submission
+        periodic = [f for f in PERIODIC if not (f == "eval_every" and not has_val)]
+        found += hyper.beyond_run(steps, f"the run's {steps} steps ({hyper.n_epochs:g} epochs)", periodic)
     return found
 
 
