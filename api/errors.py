@@ -9,6 +9,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from jobs.errors import Conflict, DomainError, NotFound, TooLarge, new_reference
 from jobs.models import JOB_TYPES
+from jobs.storage import disk_full_error
 
 from jobs.specs import MODEL_TAGS
 
@@ -72,8 +73,14 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        # Werkzeug's own headers come along (a 405's Allow names the methods the route takes); its HTML body
+        # does not: every error is the JSON error object.
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        response, status = error_response(exc.code or 500, code, exc.description or exc.name)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status
 
     @app.errorhandler(IntegrityError)
     def integrity_conflict(exc: IntegrityError):
@@ -83,6 +90,15 @@ def register_error_handlers(app: Flask) -> None:
         app.logger.warning("integrity error (reference %s): %s", reference, exc)
         return error_response(409, "conflict", f"The request conflicts with a concurrent change; nothing was "
                               f"stored (reference {reference}). Try again.")
+
+    @app.errorhandler(OSError)
+    def storage_full(exc: OSError):
+        if disk_full_error(exc) is None:
+            return unexpected(exc)
+        # An upload or a model import met a full disk: what it had written is removed, nothing was stored.
+        app.logger.error("disk full while storing a request's data: %s", exc)
+        return error_response(507, "insufficient_storage", "The server has no disk space left to store this; "
+                              "nothing was stored. Try again later.")
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

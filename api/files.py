@@ -9,6 +9,7 @@ from jobs import uploads
 
 from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
+from .model_routes import remove_quietly
 
 files = v1_blueprint("files")
 # Room for the multipart framing around the file, so the size limit applies to the file itself (checked exactly
@@ -72,7 +73,9 @@ def file_content(file_id: str):
     """The file's bytes, as uploaded."""
     with unit_of_work() as session:
         file = repository.get_file(session, owner(), file_id)
-    return send_file(file.storage_path, as_attachment=True, download_name=file.filename)
+    # The bytes as they were sent, whatever the name suggests: never served as a type a browser would render.
+    return send_file(file.storage_path, mimetype="application/octet-stream", as_attachment=True,
+                     download_name=file.filename)
 
 
 @files.delete("/files/<file_id>")
@@ -80,5 +83,5 @@ def delete_file(file_id: str):
     """Delete a file (409 while an unfinished job uses it)."""
     with unit_of_work() as session:
         file = repository.delete_file(session, owner(), file_id)
-    platform().artifacts.delete(platform().artifacts.file_path(file.id))
+    remove_quietly(platform().artifacts.file_path(file.id))  # what cannot be removed now, the garbage collector does
     return {"id": file.id, "object": "file", "deleted": True}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import logging
 from typing import Any, Iterator
 
 from flask import Response, request
@@ -21,7 +23,10 @@ from .context import owner, page, paging, platform, unit_of_work, unix, v1_bluep
 from .errors import ApiError
 
 jobs = v1_blueprint("jobs")
+log = logging.getLogger("api")
 RESULTS_PAGE = 100
+#: An Idempotency-Key: printable ASCII (the OpenAPI document states the same pattern and length).
+IDEMPOTENCY_KEY_PATTERN = r"^[ -~]+$"
 
 
 def job_object(job: Job) -> dict[str, Any]:
@@ -92,13 +97,14 @@ def submit_job():
         raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
     spec = JOB_SPEC.validate_python(body)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (1 <= len(key) <= NAME_LENGTH and key.isascii() and key.isprintable()):
+    if key is not None and not (len(key) <= NAME_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)):
         raise ApiError(400, "invalid_request", f"Idempotency-Key must be 1 to {NAME_LENGTH} printable ASCII "
                        "characters.", "Idempotency-Key")
     try:
         with unit_of_work() as session:
             job, created = submit(
                 session, owner(), spec, max_inline_prompts=platform().settings.max_inline_prompts,
+                keep_checkpoints=platform().settings.keep_checkpoints,
                 idempotency_key=key, request_hash=repository.hash_request(body) if key is not None else None,
             )
             shown = job_object(job)
@@ -111,11 +117,13 @@ def submit_job():
         try:
             enqueue(platform().celery, job.type, job.id)
         except BrokerUnavailable:
-            # Never acknowledge what no worker will see: take the job back out.
+            # The job is stored, and the database is the source of truth: the workers' reconciliation sends it
+            # once the broker answers again (jobs.recovery). Say so in its events.
+            log.warning("job %s stored but not sent: the broker is unreachable", job.id)
             with unit_of_work() as session:
-                session.delete(session.get(Job, job.id))
-            raise ApiError(503, "broker_unavailable", "The job queue cannot be reached; nothing was submitted. "
-                           "Try again shortly.") from None
+                repository.add_event(session, job.id, "The job queue could not be reached when the job was "
+                                     "submitted; the job is stored and is sent to the workers as soon as the queue "
+                                     "answers", level="warning")
     return shown, 202, {"Location": f"/v1/jobs/{job.id}"}
 
 

@@ -8,6 +8,8 @@ checkpoint folder, never its path.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ __all__ = ["CheckpointError", "config_from_checkpoint", "load_pretrained", "save
 
 # transformers' GPT-2 stores these projections as Conv1D, whose weight ([in, out]) is the transpose of nn.Linear's.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def config_from_checkpoint(info: CheckpointInfo) -> GPT2Config:
@@ -130,5 +133,12 @@ def save_pretrained(model: "GPT2", path: str | Path) -> None:
         if key.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
         tensors[key] = tensor.contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors reports a failed write as text: "... I/O error: ... (os error 28)"
+        found = OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number), "model.safetensors") from exc
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -23,7 +23,9 @@ any says stop, no further step is taken. When ``fit()`` ends (max_steps reached 
 Checkpoints: ``checkpoint_dir/step-000100/`` holds ``config.json`` + ``model.safetensors`` (a Hugging Face
 checkpoint; ``GPT2.from_pretrained`` and transformers load it) and ``trainer_state.pt`` (optimizer state, step,
 RNG states of torch/CUDA/python/numpy, data loader position, last losses). Each is written to a temporary
-directory and renamed into place, so a ``step-*`` directory is always complete. ``Trainer.resume()`` continues a
+directory (``.tmp-step-000100-<hex>/``) and renamed into place, so a ``step-*`` directory is always complete; a
+write that fails (a full disk raises an ``OSError`` with errno ``ENOSPC``) removes its temporary directory and
+leaves the earlier checkpoints as they were. ``Trainer.resume()`` continues a
 run exactly: on CPU the resumed per-step losses equal the uninterrupted run's (dropout included, since the RNG
 states are restored). The trainer seeds torch, python ``random`` and numpy's global RNG with ``config.seed``
 when it is built.
@@ -537,7 +539,8 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "model_config": self.model.config.to_dict(),
             }
-            torch.save(state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as out:  # through Python's file: a failed write raises an OSError
+                torch.save(state, out)  # (as the RuntimeError's context) that names its errno, e.g. ENOSPC
             for name in os.listdir(tmp):
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())

@@ -22,7 +22,7 @@ from jobs import repository
 from jobs.db import session_scope
 from jobs.errors import InvalidInput, InvalidRequest, TooLarge
 from jobs.models import NAME_LENGTH, Model, new_id
-from jobs.storage import ArtifactStore
+from jobs.storage import ArtifactStore, disk_full_error
 from jobs.text import check_name
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -165,6 +165,8 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> None:
             with tar:
                 extract_members(tar_members(tar), target, max_bytes)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            if disk_full_error(exc) is not None:  # the server's disk, not the archive
+                raise
             raise InvalidModel(f"the tar archive is damaged: {exc}") from None
         return
     if not zipfile.is_zipfile(archive):
@@ -173,6 +175,8 @@ def extract_archive(archive: Path, target: Path, max_bytes: int) -> None:
         with zipfile.ZipFile(archive) as zipped:
             extract_members(zip_members(zipped), target, max_bytes)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, OSError) as exc:
+        if disk_full_error(exc) is not None:  # the server's disk, not the archive
+            raise
         raise InvalidModel(f"the zip archive is damaged: {exc}") from None
 
 

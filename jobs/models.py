@@ -37,7 +37,8 @@ JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
 MODEL_SOURCES = ("job", "import")
-SHARD_STATUSES = ("pending", "running", "done")
+SHARD_PENDING, SHARD_RUNNING, SHARD_DONE = "pending", "running", "done"
+SHARD_STATUSES = (SHARD_PENDING, SHARD_RUNNING, SHARD_DONE)
 
 
 def new_id(prefix: str) -> str:
@@ -152,6 +153,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key"),
         Index(None, "owner", "created_at", "id"),
         Index(None, "status"),
+        Index(None, "status", "dispatched_at"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=lambda: new_id("job"))
@@ -172,6 +174,11 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     lease_owner: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     lease_expires_at: Mapped[datetime | None]
+    # When a "run job <id>" message was last sent for the job (by the API, a worker handing it back, or the
+    # reconciler, which sends a queued job again once no message for it waits in the broker: jobs.dispatch).
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    # How many times a worker was lost while running the job (its lease expired): at JOB_MAX_ATTEMPTS it fails.
+    workers_lost: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

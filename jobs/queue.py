@@ -19,6 +19,8 @@ No result backend is used (``task_ignore_result``): job state and results live i
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TASK_NAMES", "JOB_QUEUES", "QUEUES", "DEFAULT_QUEUE", "ENV_VARS", "BrokerUnavailable", "task_name", "queue_for",
-    "visibility_timeout", "celery_config", "make_celery", "enqueue", "broker_reachable",
+    "visibility_timeout", "celery_config", "make_celery", "enqueue", "broker_reachable", "waiting_job_ids",
+    "message_job_id",
 ]
 
 #: Job type -> Celery task name. The API enqueues by these names; workers register tasks under them.
@@ -135,9 +138,10 @@ def celery_config(settings: Settings, environ: Mapping[str, str] | None = None) 
         "worker_prefetch_multiplier": 1,
         # Pool processes load the tokenizer and connect before their first task (workers.app); allow for it.
         "worker_proc_alive_timeout": 60,
-        # A task whose ack can no longer be sent (the broker connection dropped) will be redelivered anyway;
-        # stop it rather than run it twice at once (Celery 6's default; also silences its warning).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker connection blip must not stop a running job: its lease in the database already keeps a
+        # redelivered message from running it twice (Celery's opposite default would throw away the work done
+        # since the last checkpoint).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "timezone": "UTC",
         "enable_utc": True,
     }
@@ -151,6 +155,10 @@ def celery_config(settings: Settings, environ: Mapping[str, str] | None = None) 
             "retry_on_timeout": True,
         }
         config["broker_transport_options"] = transport_options
+        # A worker takes a message only when a pool process is free to run it, also after a reconnection (which
+        # resets the broker's prefetch count): a message that waits for a busy worker stays in the queue, where
+        # the reconciliation (jobs.recovery) sees it and sends no second one.
+        config["worker_disable_prefetch"] = True
         # Set in all three places (broker transport, result-backend transport, top level): different Celery
         # and kombu code paths read different ones, and none may fall back to kombu's 1 h Redis default.
         config["result_backend_transport_options"] = {"visibility_timeout": timeout}
@@ -200,3 +208,53 @@ def broker_reachable(celery_app: Celery, timeout: float = CONNECT_TIMEOUT) -> bo
     except Exception as exc:  # any failure to reach it means "not ready"
         log.warning("broker not reachable: %s", exc)
         return False
+
+
+def message_job_id(raw: bytes | str) -> str | None:
+    """The job id a serialized Celery message (kombu's JSON envelope) carries, or None if it is not ours."""
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        if message.get("headers", {}).get("task") in TASK_NAMES.values() and args and isinstance(args[0], str):
+            return args[0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        pass
+    return None
+
+
+def waiting_job_ids(celery_app: Celery) -> set[str] | None:
+    """The ids of the jobs that have a message waiting in a queue now (not yet taken by a worker), or None when
+    this broker cannot be looked into (then nothing can be said about any job).
+
+    Redis: the queues' lists (every priority level). A message a worker has taken but not yet acknowledged is
+    NOT waiting: if that worker died, the message would only come back after the visibility timeout.
+    Filesystem: the message files not yet moved to processed/.
+    """
+    try:
+        with celery_app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT)
+            driver = conn.transport.driver_type
+            if driver == "filesystem":
+                folder = Path(str(conn.transport_options.get("data_folder_in", "")))
+                raws: list[bytes | str] = []
+                for path in folder.glob("*.msg"):
+                    try:
+                        raws.append(path.read_bytes())
+                    except FileNotFoundError:  # taken by a worker meanwhile
+                        pass
+            elif driver == "redis":
+                channel = conn.default_channel
+                client = channel.client
+                raws = []
+                for queue in QUEUES:
+                    for priority in channel.priority_steps:
+                        raws += client.lrange(channel._q_for_pri(queue, priority), 0, -1)
+            else:
+                return None
+    except Exception as exc:  # the broker is away: nothing can be said
+        log.warning("could not look into the broker's queues: %s", exc)
+        return None
+    return {job_id for job_id in map(message_job_id, raws) if job_id is not None}

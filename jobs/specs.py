@@ -41,6 +41,8 @@ Metadata = Annotated[
     Field(max_length=16, description="Up to 16 key-value pairs: keys up to 64 characters, values up to 512."),
 ]
 ResourceId = Annotated[str, Field(min_length=1, max_length=ID_LENGTH, pattern=r"^[A-Za-z0-9_-]+$")]
+#: A registered model's id: a ResourceId with the model prefix.
+ModelId = Annotated[str, Field(min_length=1, max_length=ID_LENGTH, pattern=r"^model-[A-Za-z0-9_-]+$")]
 
 
 class Strict(BaseModel):
@@ -85,6 +87,11 @@ class Hyperparameters(Strict):
     """Training hyperparameters; give max_steps or n_epochs (default: max_steps 1000). warmup_steps defaults to a
     tenth of max_steps, at most 100."""
 
+    # not_both_lengths, as JSON Schema says it (the OpenAPI document shows it; the validator enforces it).
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["max_steps", "n_epochs"],
+        "properties": {"max_steps": {"type": "integer"}, "n_epochs": {"type": "number"}}}})
+
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     n_epochs: float | None = Field(default=None, gt=0, le=1000)
     batch_size: int = Field(default=8, ge=1, le=1024)
@@ -96,6 +103,10 @@ class Hyperparameters(Strict):
     checkpoint_every: int = Field(default=500, ge=0, le=1_000_000, description="Steps between checkpoints; 0: "
                                   "only the final model.")
     sample_every: int = Field(default=0, ge=0, le=1_000_000, description="Steps between sample events; 0: never.")
+    keep_checkpoints: int | None = Field(default=None, ge=1, le=1000, description="Checkpoints kept on disk: "
+                                         "the last this many (the newest is the one the job resumes from) plus the "
+                                         "one with the lowest validation loss. Default: the server's "
+                                         "KEEP_CHECKPOINTS (3 unless configured), filled in at submission.")
 
     @field_validator("n_epochs")
     @classmethod
@@ -177,19 +188,17 @@ class TrainSpec(Strict):
 
 class FinetuneSpec(TrainSpec):
     type: Literal["finetune"]  # type: ignore[assignment]
-    model: ResourceId = Field(description="The id of a registered model (model-...).")  # type: ignore[assignment]
-
-    @field_validator("model")
-    @classmethod
-    def model_id(cls, value: str) -> str:
-        if not value.startswith("model-"):
-            raise ValueError("must be a model id (model-...)")
-        return value
+    model: ModelId = Field(description="The id of a registered model (model-...).")  # type: ignore[assignment]
 
 
 class GenerateSpec(Strict):
+    # one_source, as JSON Schema says it (the OpenAPI document shows it; the validator enforces it).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompts"], "properties": {"prompts": {"type": "array"}}},
+        {"required": ["input_file"], "properties": {"input_file": {"type": "string"}}}]})
+
     type: Literal["generate"]
-    model: ResourceId = Field(description="A registered model id (model-...).")
+    model: ModelId = Field(description="A registered model id (model-...).")
     prompts: list[str] | None = Field(default=None, min_length=1)
     input_file: ResourceId | None = Field(default=None, description="A file id with purpose 'generate'.",
                                           validate_default=True)
@@ -218,12 +227,17 @@ def draw_seed() -> int:
     return secrets.randbits(63)
 
 
-def resolve(spec: AnySpec) -> AnySpec:
-    """The specification as it will run: seeds drawn now when not given, so a retried job repeats itself."""
+def resolve(spec: AnySpec, *, keep_checkpoints: int | None = None) -> AnySpec:
+    """The specification as it will run: seeds drawn now when not given, so a retried job repeats itself, and a
+    training job's hyperparameters.keep_checkpoints set to `keep_checkpoints` (the server's KEEP_CHECKPOINTS)
+    when not given."""
     if isinstance(spec, GenerateSpec):
         if spec.sampling.seed is not None:
             return spec
         return spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"seed": draw_seed()})})
+    hyper = spec.hyperparameters
+    if hyper.keep_checkpoints is None and keep_checkpoints is not None:
+        spec = spec.model_copy(update={"hyperparameters": hyper.model_copy(update={"keep_checkpoints": keep_checkpoints})})
     return spec if spec.seed is not None else spec.model_copy(update={"seed": draw_seed()})
 
 

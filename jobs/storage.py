@@ -3,10 +3,17 @@
 Layout under the root:
     files/<file-id>                 uploads
     models/<model-id>/              saved models (a directory in Hugging Face format)
-    jobs/<job-id>/checkpoints/      a job's checkpoints
+    jobs/<job-id>/checkpoints/      a job's checkpoints (step-NNNNNN/, see gpt2core.train)
+    datasets/<sha256>-<...>/        token caches of training files, by content (and <key>.lock beside each)
+    tmp/                            model imports being extracted
+
+Writes in progress, which an interrupted process leaves behind (workers.cleanup removes them after a grace
+period): files/.<file-id>.*.tmp, models/.<model-id>.partial/, tmp/<model-id>[.upload],
+jobs/<job-id>/checkpoints/.tmp-step-*/ and .old-step-*/, datasets/<key>/.prepare-*/.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -19,6 +26,8 @@ from typing import IO
 from jobs.errors import TooLarge
 
 CHUNK_BYTES = 1 << 20
+#: errno values that mean "no space left to write": the disk (or the writer's quota) is full.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _SAFE_ID = re.compile(r"^[a-z]+-[A-Za-z0-9]+$")
 
 
@@ -28,6 +37,23 @@ class StoredBlob:
     bytes: int
     sha256: str
     lines: int  # newline-separated lines, counting a last line without a newline
+
+
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The OSError saying the disk (or a quota) is full that caused `exc`, or is `exc`; else None. Libraries
+    wrap write errors (torch.save raises a RuntimeError whose context is the OSError), so the whole chain of
+    causes and contexts is searched."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        stack += [current.__cause__, current.__context__]
+    return None
 
 
 def _checked(id: str) -> str:

@@ -25,13 +25,15 @@ from jobs.text import check_name
 
 
 def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompts: int,
-               idempotency_key: str | None = None, request_hash: str | None = None) -> tuple[Job, bool]:
+               keep_checkpoints: int | None = None, idempotency_key: str | None = None,
+               request_hash: str | None = None) -> tuple[Job, bool]:
     """The stored job and whether it is new (enqueue only then). InvalidRequest/Conflict as repository.create_job,
-    and InvalidRequest naming the field for a job its worker could not run."""
+    and InvalidRequest naming the field for a job its worker could not run. `keep_checkpoints` (the server's
+    KEEP_CHECKPOINTS) is stored as a training job's hyperparameters.keep_checkpoints when the job gives none."""
     if isinstance(spec, GenerateSpec) and spec.prompts is not None and len(spec.prompts) > max_inline_prompts:
         raise InvalidRequest(f"prompts: at most {max_inline_prompts} inline prompts; upload an input_file for more",
                              param="prompts")
-    spec = resolve(spec)
+    spec = resolve(spec, keep_checkpoints=keep_checkpoints)
     refs: dict[str, str | None] = {}
     if isinstance(spec, TrainSpec):
         refs = {"training_file_id": spec.training_file, "validation_file_id": spec.validation_file}

@@ -298,3 +298,28 @@ def tiny_config() -> GPT2Config:
 def tiny_model(tiny_config) -> GPT2:
     torch.manual_seed(0)
     return GPT2(tiny_config).eval()
+
+
+# A real full disk: a tiny tmpfs mounted on a folder (needs root or CAP_SYS_ADMIN; tests that use it are skipped
+# where mounting is not permitted).
+
+
+@pytest.fixture
+def tiny_disk() -> Iterator[Callable[[Path, str], Path]]:
+    """`tiny_disk(folder, "2m")`: mounts a tmpfs of that size on `folder` (created if missing) for this test."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -21,6 +21,7 @@ from jobs.queue import (
     make_celery,
     queue_for,
     visibility_timeout,
+    waiting_job_ids,
 )
 from jobs.settings import Settings
 
@@ -136,3 +137,37 @@ def test_unknown_job_type_is_not_enqueued(redis_settings, redis_client):
     with pytest.raises(ValueError):
         enqueue(make_celery(redis_settings), "distill", "job-x")
     assert all(redis_client.llen(q) == 0 for q in QUEUES)
+
+
+# --- what waits in the broker (the reconciliation's question) ---------------------------------------------
+
+
+def test_waiting_job_ids_on_redis_lists_queued_messages_only(redis_settings, redis_client):
+    app = make_celery(redis_settings)
+    assert waiting_job_ids(app) == set()
+    enqueue(app, "train", "job-a")
+    enqueue(app, "generate", "job-b")
+    enqueue(app, "finetune", "job-a")
+    assert waiting_job_ids(app) == {"job-a", "job-b"}
+    redis_client.lpush("train", b"not a celery message")  # something else on the list is ignored
+    assert waiting_job_ids(app) == {"job-a", "job-b"}
+    redis_client.delete("train")  # a purged queue, a broker restarted empty
+    assert waiting_job_ids(app) == {"job-b"}
+
+
+def test_waiting_job_ids_on_the_filesystem_broker(tmp_path):
+    app = make_celery(Settings.from_env({"GPT2JOBS_VAR_DIR": str(tmp_path)}))
+    enqueue(app, "train", "job-a")
+    assert waiting_job_ids(app) == {"job-a"}
+    for message in (tmp_path / "broker" / "messages").iterdir():  # taken by a worker
+        message.rename(tmp_path / "broker" / "processed" / message.name)
+    assert waiting_job_ids(app) == set()
+
+
+def test_waiting_job_ids_is_none_when_the_broker_is_away(tmp_path):
+    app = make_celery(Settings.from_env({"BROKER_URL": "redis://127.0.0.1:1/0", "GPT2JOBS_VAR_DIR": str(tmp_path)}))
+    assert waiting_job_ids(app) is None
+
+
+def test_a_broker_connection_loss_does_not_cancel_running_tasks(redis_settings):
+    assert celery_config(redis_settings)["worker_cancel_long_running_tasks_on_connection_loss"] is False

@@ -1,7 +1,9 @@
 """The Trainer: optimisation details, callbacks, checkpoints, exact resume, and that it visibly learns."""
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -239,6 +241,32 @@ def test_should_stop_stops_within_one_step_and_leaves_loadable_checkpoint(tmp_pa
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
     assert state["step"] == 3 and state["train_loader"]["position"] == 3
     assert {"optimizer", "rng", "scheduler", "train_loss"} <= set(state)
+
+
+def causes(exc: BaseException | None) -> list[BaseException]:
+    found = []
+    while exc is not None and exc not in found:
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+# A checkpoint of small_model() takes about 1.5 MB: model.safetensors 0.5 MB, then trainer_state.pt 1 MB.
+@pytest.mark.parametrize("size, failing", [("1700k", "model.safetensors"), ("2200k", "trainer_state.pt")])
+def test_a_full_disk_fails_the_checkpoint_and_keeps_the_last_complete_one(tmp_path, tiny_disk, size, failing):
+    run = tiny_disk(tmp_path / "run", size)  # room for one checkpoint, not two
+    recorder = Recorder()
+    cfg = TrainConfig(max_steps=4, batch_size=2, block_size=16, checkpoint_every=1, checkpoint_dir=run, device="cpu")
+    with pytest.raises(Exception) as raised:
+        Trainer(small_model(), cfg, random_tokens(2000), callbacks=[recorder]).fit()
+    disk_full = [e for e in causes(raised.value) if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    assert disk_full, f"no ENOSPC OSError in {causes(raised.value)!r}"
+    if failing == "model.safetensors":  # safetensors' own error says it only in words: raised as an OSError
+        assert raised.value is disk_full[0] and raised.value.filename == "model.safetensors"
+    assert sorted(os.listdir(run)) == ["step-000001"]  # the partial step-2 checkpoint is gone
+    assert [c[0] for c in recorder.checkpoints] == [1]
+    resumed = Trainer(small_model(seed=1), cfg, random_tokens(2000))
+    assert resumed.resume(run) == run / "step-000001" and resumed.step == 1
 
 
 def test_callbacks_receive_step_eval_and_checkpoint_events(tmp_path):

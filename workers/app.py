@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import warnings
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from jobs.queue import make_celery
 from jobs.settings import Settings
@@ -15,6 +17,12 @@ log = logging.getLogger("workers")
 
 settings = Settings.from_env()
 app = make_celery(settings, main="workers")
+
+#: The signal the worker's main process sends its pool processes when it shuts down: each sets SHUTTING_DOWN.
+HAND_BACK_SIGNAL = signal.SIGUSR2
+
+# jobs.queue keeps tasks running across a broker connection loss on purpose (their database leases guard them).
+warnings.filterwarnings("ignore", message=".*cancel_long_running_tasks_on_connection_loss.*")
 
 
 _DEVICE_PROBE = """
@@ -61,14 +69,39 @@ def _log_start(sender=None, **_kwargs) -> None:
     from workers.runtime import runtime
     from workers.sweeper import start_sweeper
 
+    global _pool
+    _pool = getattr(sender, "pool", None)
     start_sweeper(runtime())
+
+
+_pool = None  # the worker's task pool (set when it is ready), whose processes run the jobs
+
+
+def _pool_pids() -> list[int]:
+    processes = getattr(getattr(_pool, "_pool", None), "_pool", None) or []
+    return [p.pid for p in processes if getattr(p, "pid", None)]
+
+
+@worker_shutting_down.connect
+def _hand_back_jobs(sig=None, how=None, **_kwargs) -> None:
+    """A warm shutdown (SIGTERM: a deploy, `docker compose restart`) must not make a running job wait out its
+    lease: tell every process running jobs to checkpoint and hand its job back at once (workers.runtime)."""
+    from workers.runtime import SHUTTING_DOWN
+
+    SHUTTING_DOWN.set()  # the solo pool runs jobs in this process
+    for pid in _pool_pids():
+        try:
+            os.kill(pid, HAND_BACK_SIGNAL)
+        except ProcessLookupError:
+            pass
 
 
 @worker_process_init.connect
 def _warm_up(**_kwargs) -> None:
     """Each pool process connects and loads the tokenizer before its first task, not during it."""
     from workers.generation import tokenizer
-    from workers.runtime import runtime
+    from workers.runtime import SHUTTING_DOWN, runtime
 
+    signal.signal(HAND_BACK_SIGNAL, lambda _signum, _frame: SHUTTING_DOWN.set())
     runtime()
     tokenizer()

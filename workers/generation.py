@@ -12,14 +12,15 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt2core import GPT2, GPT2Tokenizer, generate
 from gpt2core.generation import Completion, GenerationResult
-from jobs import execution, repository
-from jobs.errors import DomainError, new_reference
+from jobs import execution, repository, shards
+from jobs.errors import BrokerUnavailable, DomainError, new_reference
 from jobs.models import File, Job, Model
 from jobs.queue import enqueue
 from jobs.readers import read_generation_file
@@ -27,13 +28,14 @@ from jobs.specs import GenerateSpec, Sampling, job_spec
 from jobs.states import RUNNING
 
 from .convert import sampling_params
-from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
+from .runtime import ACTIVE_JOBS, SHUTTING_DOWN, JobFailure, LeaseKeeper, Runtime, error_for, is_infrastructure_error
 
 log = logging.getLogger("workers.generation")
 
 MAX_FANOUT = 64  # extra messages sent for one job
 IDLE_POLL_SECONDS = 1.0  # how often the job's claimer looks again while other workers finish shards
-MAX_SHARD_ATTEMPTS = 3  # a shard that fails for infrastructure reasons this often fails its job
+MAX_SHARD_ATTEMPTS = 3  # a shard whose generation raises this often fails its job
+BATCH_PROMPTS = 32  # prompts generated together; a shutting-down worker stops between two such batches
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,23 @@ def completion_object(index: int, completion: Completion) -> dict[str, Any]:
             "tokens": completion.num_tokens, "token_ids": list(completion.token_ids)}
 
 
-def generate_items(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str, Any]]:
+class ShuttingDown(Exception):
+    """This worker is shutting down: it stopped between batches and wrote nothing for its shard."""
+
+
+def generate_items(model: GPT2, job_id: str, items: list[Item],
+                   should_stop: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+    """One result per item, in order, computed BATCH_PROMPTS prompts at a time; ShuttingDown when `should_stop()`
+    holds between two batches."""
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(items), BATCH_PROMPTS):
+        if should_stop():
+            raise ShuttingDown()
+        results += generate_batch(model, job_id, items[start:start + BATCH_PROMPTS])
+    return results
+
+
+def generate_batch(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str, Any]]:
     """One result per item, in order: completions, or that item's error. Nothing one prompt does (bad sampling,
     a prompt too long, any exception while generating or decoding it) fails the others: a failed batch is run
     again prompt by prompt (each prompt's seed makes its completions the same either way)."""
@@ -185,10 +203,15 @@ def item_failure(item: Item, job_id: str, exc: Exception) -> dict[str, Any]:
 
 
 def run_generation(rt: Runtime, job_id: str) -> None:
-    """Take part in generation job `job_id`: claim and plan it if it is new, then work on its shards."""
+    """Take part in generation job `job_id`: claim and plan it if it is new, then work on its shards.
+
+    When this worker shuts down, or loses the database or broker, its shard goes back to the pool and, if it
+    holds the job, the job goes back to the queue for the next free worker; neither fails the job."""
     lease_seconds = rt.settings.job_lease_seconds
     with rt.transaction() as session:
-        job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds)
+        job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds,
+                                  max_attempts=rt.settings.job_max_attempts,
+                                  resume_own=job_id not in ACTIVE_JOBS)
         claimed = job is not None
         job = job or session.get(Job, job_id)
         if job is None or job.status != RUNNING:
@@ -200,14 +223,19 @@ def run_generation(rt: Runtime, job_id: str) -> None:
     if not claimed:
         try:
             work_on_shards(rt, job, model, input_file, stay=False)
+        except ShuttingDown:
+            log.info("job %s: shutting down; the shard went back to the pool", job_id)
         except Exception as exc:
-            with rt.transaction() as session:
-                execution.finish_generation(session, job_id, error=error_for(exc, job_id, paths))
+            if is_infrastructure_error(exc):
+                raise
+            error = error_for(exc, job_id, paths)
+            rt.persist(lambda session: shards.finish_generation(session, job_id, error=error))
         return
 
     def renew(session) -> str:
         return execution.renew_lease(session, job_id, rt.worker_id, lease_seconds)
 
+    reason = None
     with LeaseKeeper(rt, renew, f"job {job_id}"):
         try:
             items = load_items(job, input_file)
@@ -215,31 +243,56 @@ def run_generation(rt: Runtime, job_id: str) -> None:
                 if job.attempts == 1:
                     for message in line_warnings(items):
                         repository.add_event(session, job_id, message, level="warning")
-                shards = execution.plan_shards(session, job_id, len(items), rt.settings.generation_shard_size)
-            for _ in range(min(shards - 1, MAX_FANOUT)):
+                planned = shards.plan_shards(session, job_id, len(items), rt.settings.generation_shard_size)
+            for _ in range(min(planned - 1, MAX_FANOUT)):
                 enqueue(rt.celery, "generate", job_id)
-            log.info("job %s: %d prompts in %d shards", job_id, len(items), shards)
+            log.info("job %s: %d prompts in %d shards", job_id, len(items), planned)
             work_on_shards(rt, job, model, input_file, stay=True, items=items)
+        except ShuttingDown:
+            reason = "the worker is shutting down (its unfinished shard went back to the pool)"
         except Exception as exc:
-            with rt.transaction() as session:
-                execution.finish_generation(session, job_id, error=error_for(exc, job_id, paths))
+            if not is_infrastructure_error(exc):
+                error = error_for(exc, job_id, paths)
+                rt.persist(lambda session: shards.finish_generation(session, job_id, error=error))
+                return
+            log.warning("job %s: database or broker unreachable; handing the job back", job_id, exc_info=True)
+            reason = f"it lost the database or the broker ({type(exc).__name__})"
+    if reason is not None:
+        hand_back(rt, job, reason)
+
+
+def hand_back(rt: Runtime, job: Job, reason: str) -> None:
+    """Give the job this worker holds back to the queue (the next free worker claims it and goes on with its
+    shards) and send it a message; the sweeper sends one if the broker is away now."""
+    message = (f"Worker {rt.worker_id} stopped: {reason}; the job is back in the queue and goes on with its "
+               "remaining shards on the next free worker")
+    try:
+        if rt.persist(lambda session: execution.hand_back(session, job.id, rt.worker_id, message)):
+            enqueue(rt.celery, job.type, job.id)
+    except execution.LeaseLost:
+        pass
+    except BrokerUnavailable:
+        log.warning("job %s: handed back, but the broker is unreachable; the sweeper will send it", job.id)
 
 
 def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: File | None, stay: bool,
                    items: list[Item] | None = None) -> None:
-    """Take shards until none is claimable; with `stay`, keep watching until the job ends."""
+    """Take shards until none is claimable; with `stay`, keep watching until the job ends. ShuttingDown when this
+    worker shuts down (its unfinished shard is back in the pool); infrastructure errors propagate (likewise)."""
     lease_seconds = rt.settings.job_lease_seconds
     model: GPT2 | None = None
     while True:
+        if SHUTTING_DOWN.is_set():
+            raise ShuttingDown()
         with rt.transaction() as session:
-            shard = execution.claim_shard(session, job.id, rt.worker_id, lease_seconds)
+            shard = shards.claim_shard(session, job.id, rt.worker_id, lease_seconds)
             span = None if shard is None else (shard.index, shard.start, shard.stop)
             attempts = 0 if shard is None else shard.attempts
             if span is None:
                 status = session.get(Job, job.id).status
-                remaining = execution.shards_remaining(session, job.id)
+                remaining = shards.shards_remaining(session, job.id)
                 if status != RUNNING or remaining == 0:
-                    finished = execution.finish_generation(session, job.id)
+                    finished = shards.finish_generation(session, job.id)
                     if finished is not None:
                         log.info("job %s: %s", job.id, finished.status)
                     return
@@ -251,26 +304,44 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
         index, start, stop = span
         if model_row is None:
             raise JobFailure("model_not_found", "The job's model was deleted before the job ran.", "model")
-        items = items if items is not None else load_items(job, input_file)
-        model = model or MODELS.get(model_row, rt.settings.model_cache_size)
 
         def renew(session, index=index) -> str:
-            return execution.renew_shard(session, job.id, index, rt.worker_id, lease_seconds)
+            return shards.renew_shard(session, job.id, index, rt.worker_id, lease_seconds)
 
         try:
+            items = items if items is not None else load_items(job, input_file)
+            model = model or MODELS.get(model_row, rt.settings.model_cache_size)
             with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):
-                results = generate_items(model, job.id, items[start:stop])
-            rt.retrying(lambda session, index=index, results=results: execution.complete_shard(
+                results = generate_items(model, job.id, items[start:stop], SHUTTING_DOWN.is_set)
+            rt.persist(lambda session, index=index, results=results: shards.complete_shard(
                 session, job.id, index, rt.worker_id, results))
         except Exception as exc:
-            # Not a prompt's fault (those become error lines): the machine, the database. Try the shard again.
+            if isinstance(exc, ShuttingDown) or is_infrastructure_error(exc):
+                release(rt, job.id, index, "this worker is shutting down" if isinstance(exc, ShuttingDown)
+                        else f"this worker lost the database or the broker ({type(exc).__name__})")
+                raise
+            # Not a prompt's fault (those become error lines): the machine, the model. Try the shard again.
             if attempts >= MAX_SHARD_ATTEMPTS:
                 raise
             log.warning("job %s: shard %d failed (attempt %d of %d); it will be retried", job.id, index, attempts,
                         MAX_SHARD_ATTEMPTS, exc_info=True)
             with rt.transaction() as session:
-                execution.release_shard(session, job.id, index, rt.worker_id)
+                shards.release_shard(session, job.id, index, rt.worker_id)
                 repository.add_event(session, job.id, f"Shard {index} failed ({type(exc).__name__}); retrying "
                                      f"(attempt {attempts} of {MAX_SHARD_ATTEMPTS})", level="warning")
             continue
         log.info("job %s: shard %d done (%d items)", job.id, index, stop - start)
+
+
+def release(rt: Runtime, job_id: str, index: int, reason: str) -> None:
+    """Put the shard back in the pool with an event, if the database answers (else its lease runs out and the
+    sweeper does it)."""
+    def unit(session) -> None:
+        if shards.release_shard(session, job_id, index, rt.worker_id):
+            repository.add_event(session, job_id, f"Shard {index} went back to the pool: {reason}", level="warning",
+                                 data={"shard": index, "worker": rt.worker_id})
+
+    try:
+        rt.persist(unit, patience=5)
+    except Exception:
+        log.warning("job %s: could not give shard %d back; its lease will run out", job_id, index, exc_info=True)

@@ -13,19 +13,43 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.db import make_engine, make_session_factory, session_scope
-from jobs.errors import new_reference
+from jobs.errors import BrokerUnavailable, new_reference
 from jobs.execution import LeaseLost
 from jobs.queue import make_celery
 from jobs.settings import Settings
 from jobs.states import CANCELLING
-from jobs.storage import ArtifactStore
+from jobs.storage import ArtifactStore, disk_full_error
 
 log = logging.getLogger("workers")
 T = TypeVar("T")
+
+#: Set when this worker process is asked to stop (a warm shutdown: SIGTERM to the worker, a deploy): running
+#: training writes a checkpoint and hands its job back, generation gives its shard back (workers.app sets it).
+SHUTTING_DOWN = threading.Event()
+
+#: Ids of the jobs this process is running now (claim_job's resume_own: a job not among them whose lease this
+#: process still holds is left over from a delivery that an infrastructure error interrupted).
+ACTIVE_JOBS: set[str] = set()
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Whether `exc` says the database or the broker could not be reached (or dropped the connection), rather
+    than anything about the job: such an error never fails a job; the job is retried."""
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, BrokerUnavailable,
+                        ConnectionError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return isinstance(exc, (BrokerError, RedisConnectionError, RedisTimeout))
 
 
 @dataclass
@@ -52,6 +76,24 @@ class Runtime:
                 time.sleep(0.2 * attempt)
         with self.transaction() as session:
             return unit(session)
+
+
+    def persist(self, unit: Callable[[Session], T], patience: float | None = None) -> T:
+        """Run `unit` in a transaction, retrying with backoff while the database cannot be reached, for up to
+        `patience` seconds (default: one lease, during which this worker's lease still protects its job): for
+        writes that must not be lost to a database blip, like the end of a job. Raises the last error after."""
+        deadline = time.monotonic() + (self.settings.job_lease_seconds if patience is None else patience)
+        pause = 0.5
+        while True:
+            try:
+                with self.transaction() as session:
+                    return unit(session)
+            except Exception as exc:
+                if not is_infrastructure_error(exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("database unreachable (%s); retrying in %.1f s", type(exc).__name__, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
 
 _runtime: Runtime | None = None
@@ -102,7 +144,8 @@ class LeaseKeeper:
 
     @property
     def should_stop(self) -> bool:
-        return self.cancelling or self.lost
+        """Stop working on it: it is being cancelled, another worker has it, or this worker is shutting down."""
+        return self.cancelling or self.lost or SHUTTING_DOWN.is_set()
 
     def observe(self, status: str) -> None:
         if status == CANCELLING and not self.cancelling:
@@ -159,6 +202,9 @@ def error_for(exc: BaseException, job_id: str, paths: dict[str, str] | None = No
 
     if isinstance(exc, JobFailure):
         error = {"code": exc.code, "message": user_message(exc.message, paths), "param": exc.param}
+    elif disk_full_error(exc) is not None:  # what the job was writing is named where it is known (JobFailure)
+        error = {"code": "disk_full", "message": "The server's disk is full, so the job could not write its data. The "
+                 "operators must free disk space before the job is submitted again.", "param": None}
     elif isinstance(exc, DatasetError):
         error = {"code": "invalid_file", "message": user_message(str(exc), paths), "param": "training_file"}
     elif isinstance(exc, CheckpointError):

@@ -1,45 +1,114 @@
-"""The sweeper: every worker's main process looks, every half lease, for jobs whose worker stopped renewing its
-lease (it died, or its machine did) and sends them a new message, so another worker resumes them at once rather
-than after the broker's visibility timeout."""
+"""The sweeper: a thread in every worker's main process that runs the database's recovery pass (jobs.recovery)
+every half lease, and once at start, so a worker that starts after an outage picks up what was lost at once:
+jobs whose worker died go back to the queue (or fail after JOB_MAX_ATTEMPTS lost workers), shards whose worker
+died go back to the pool, and queued jobs with no message waiting in the broker get one. Every
+workers.cleanup.INTERVAL_SECONDS it also removes artifacts nothing refers to (workers.cleanup).
+
+After a pass that could not reach the database, lost-worker recovery waits one lease before it runs again:
+during the outage no worker could renew its lease, and those workers are most likely alive.
+"""
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass, field
 
-from jobs import execution
-from jobs.queue import enqueue
+from jobs import recovery
+from jobs.errors import BrokerUnavailable
+from jobs.queue import enqueue, waiting_job_ids
 
+from . import cleanup
 from .runtime import Runtime
 
 log = logging.getLogger("workers.sweeper")
 
 
-def sweep(rt: Runtime) -> list[str]:
-    """Requeue every stale job once; returns their ids."""
-    lease_seconds = rt.settings.job_lease_seconds
-    with rt.transaction() as session:
-        stale = execution.stale_jobs(session)
-    requeued = []
-    for job_id, job_type in stale:
+@dataclass
+class Sweep:
+    """What one pass did: job ids requeued after a lost worker, (job, shard) pairs returned to the pool, and
+    job ids sent a new message."""
+
+    requeued: list[str] = field(default_factory=list)
+    shards: list[tuple[str, int]] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+
+
+def sweep(rt: Runtime, recover_leases: bool = True) -> Sweep:
+    """One recovery pass (see the module docstring); database errors propagate, a broker error ends the dispatch
+    step until the next pass."""
+    settings = rt.settings
+    done = Sweep()
+    if recover_leases:
         with rt.transaction() as session:
-            if not execution.mark_requeued(session, job_id, lease_seconds):
-                continue
-        enqueue(rt.celery, job_type, job_id)
-        log.warning("job %s: its worker stopped renewing the lease; sent it to another worker", job_id)
-        requeued.append(job_id)
-    return requeued
+            lost = recovery.lost_jobs(session)
+        for job_id in lost:
+            with rt.transaction() as session:
+                if recovery.recover_lost_job(session, job_id, settings.job_max_attempts):
+                    done.requeued.append(job_id)
+            log.warning("job %s: its worker stopped renewing the lease", job_id)
+        with rt.transaction() as session:
+            shards = recovery.lost_shards(session)
+        for job_id, index in shards:
+            with rt.transaction() as session:
+                if recovery.recover_lost_shard(session, job_id, index, settings.job_max_attempts):
+                    done.shards.append((job_id, index))
+            log.warning("job %s: shard %d's worker stopped renewing its lease", job_id, index)
+
+    with rt.transaction() as session:
+        due = recovery.jobs_to_dispatch(session, settings.job_redispatch_seconds)
+    if not due:
+        return done
+    waiting = waiting_job_ids(rt.celery)
+    for job_id, job_type in due:
+        if waiting is not None and job_id in waiting:
+            continue  # its message waits for a free worker: one is enough
+        if job_id in done.requeued:
+            message = "Sent to the queue for another worker"
+        elif waiting is None:
+            message = (f"Sent to the queue again: {settings.job_redispatch_seconds} s after its last message no worker "
+                       "has taken it (this broker cannot be looked into; an extra delivery does nothing)")
+        else:
+            message = ("Sent to the queue again: no message for it was waiting in the broker (the broker lost it, "
+                       "or it was never sent)")
+        try:
+            with rt.transaction() as session:
+                if not recovery.mark_dispatched(session, job_id, settings.job_redispatch_seconds, message):
+                    continue
+                enqueue(rt.celery, job_type, job_id)  # in the transaction: a failed send leaves the job due
+        except BrokerUnavailable as exc:
+            log.warning("could not send job %s again: %s; trying on the next pass", job_id, exc)
+            break
+        log.warning("job %s: %s", job_id, message)
+        done.dispatched.append(job_id)
+    return done
 
 
 def start_sweeper(rt: Runtime) -> threading.Event:
-    """Run sweep() on a daemon thread every half lease until the returned event is set."""
+    """Run sweep() on a daemon thread now and every half lease until the returned event is set."""
     stop = threading.Event()
+    interval = rt.settings.job_lease_seconds / 2
 
     def loop() -> None:
-        while not stop.wait(rt.settings.job_lease_seconds / 2):
+        last_failure = float("-inf")
+        next_collection = time.monotonic() + cleanup.INTERVAL_SECONDS / 10  # not while the worker starts up
+        while True:
+            recover_leases = time.monotonic() - last_failure > rt.settings.job_lease_seconds
             try:
-                sweep(rt)
-            except Exception:  # the database or broker is away: try again next round
-                log.exception("sweep failed")
+                sweep(rt, recover_leases=recover_leases)
+            except Exception:  # the database is away: try again next round
+                last_failure = time.monotonic()
+                log.warning("sweep failed; trying again in %.0f s", interval, exc_info=True)
+            if time.monotonic() >= next_collection:
+                next_collection = time.monotonic() + cleanup.INTERVAL_SECONDS
+                try:
+                    removed = cleanup.collect_garbage(rt)
+                    if any(removed.values()):
+                        log.info("garbage collection removed %s", removed)
+                except Exception:
+                    log.warning("garbage collection failed; trying again later", exc_info=True)
+            if stop.wait(interval):
+                return
 
     threading.Thread(target=loop, name="sweeper", daemon=True).start()
     return stop

@@ -3,61 +3,35 @@ Trainer with callbacks that report to the database, resume from the last checkpo
 the model it produced."""
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
-from gpt2core import GPT2, GPT2Tokenizer, Trainer, load_dataset, prepare_dataset
-from gpt2core.data import FORMAT_VERSION, DatasetError, PreparedDataset
-from gpt2core.train import StepMetrics, TrainerCallback, latest_checkpoint
-from jobs import execution, repository
-from jobs.errors import DomainError
+from sqlalchemy.orm import Session
+
+from gpt2core import GPT2, Trainer
+from gpt2core.train import latest_checkpoint
+from jobs import execution
+from jobs.errors import BrokerUnavailable, DomainError
 from jobs.models import File, Job, Model
-from jobs.readers import HELD_OUT_FRACTION, is_jsonl
+from jobs.queue import enqueue
+from jobs.readers import HELD_OUT_FRACTION
 from jobs.specs import PERIODIC, FinetuneSpec, TrainSpec, job_spec
-from jobs.states import CANCELLED, FAILED, SUCCEEDED
+from jobs.storage import disk_full_error
+from jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 
 from .convert import model_config, new_model, train_config
-from .runtime import JobFailure, LeaseKeeper, Runtime, error_for
+from .datasets import prepared
+from .reporting import CheckpointRetention, JobReporter
+from .runtime import ACTIVE_JOBS, JobFailure, LeaseKeeper, Runtime, error_for, is_infrastructure_error
 
 log = logging.getLogger("workers.training")
 
-PROGRESS_INTERVAL = 1.0  # seconds between progress writes
-METRIC_EVENTS = 100  # about this many metrics events over a run
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` across processes (the dataset cache is shared by every worker)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
-    """The file's tokens, prepared once per (content, tokenizer, split) and reused by every later job."""
-    key = f"{file.sha256}-{GPT2Tokenizer.name}-v{FORMAT_VERSION}-val{val_fraction:g}"
-    folder = rt.artifacts.root / "datasets" / key
-    with locked(folder.with_suffix(".lock")):
-        try:
-            return load_dataset(folder)
-        except DatasetError:
-            pass
-        # The format the upload was checked as, read by the same gpt2core.corpus functions.
-        prepare_dataset([Path(file.storage_path)], folder, val_fraction=val_fraction,
-                        format="jsonl" if is_jsonl(file.filename) else "text")
-        return load_dataset(folder)
 
 
 def total_steps(spec: TrainSpec, train_tokens: int, block_size: int) -> int:
@@ -83,86 +57,76 @@ def build_model(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[GPT2, str]:
     return new_model(model_config(spec.model), spec.seed), name
 
 
-class JobReporter(TrainerCallback):
-    """Writes what the Trainer does into the job: progress (about once a second), metrics and message events,
-    checkpoint rows. Its should_stop() is the job's cancellation (or the loss of its lease)."""
-
-    def __init__(self, rt: Runtime, job_id: str, lease: LeaseKeeper, steps: int):
-        self.rt, self.job_id, self.lease, self.steps = rt, job_id, lease, steps
-        self.metrics_every = max(1, steps // METRIC_EVENTS)
-        self.val_loss: float | None = None
-        self.last_write = 0.0
-
-    def event(self, message: str, type: str = "message", data: dict[str, Any] | None = None,
-              level: str = "info") -> None:
-        if not self.lease.lost:
-            with self.rt.transaction() as session:
-                repository.add_event(session, self.job_id, message, type=type, data=data, level=level)
-
-    def on_step(self, metrics: StepMetrics) -> None:
-        now = time.monotonic()
-        if now - self.last_write >= PROGRESS_INTERVAL or metrics.step == self.steps:
-            self.last_write = now
-            remaining = self.steps - metrics.step
-            progress = {
-                "step": metrics.step, "total_steps": self.steps, "loss": round(metrics.loss, 4),
-                "val_loss": self.val_loss, "tokens_per_second": round(metrics.tokens_per_second, 1),
-                "eta_seconds": round(remaining * metrics.step_time, 1),
-            }
-            if not self.lease.lost:
-                try:
-                    with self.rt.transaction() as session:
-                        self.lease.observe(execution.update_progress(
-                            session, self.job_id, self.rt.worker_id, progress, self.rt.settings.job_lease_seconds))
-                except execution.LeaseLost:
-                    self.lease.lost = True
-        if metrics.step % self.metrics_every == 0 or metrics.step == self.steps:
-            self.event(f"step {metrics.step}/{self.steps}: loss {metrics.loss:.4f}", "metrics", {
-                "step": metrics.step, "loss": metrics.loss, "learning_rate": metrics.learning_rate,
-                "grad_norm": metrics.grad_norm, "tokens_per_second": metrics.tokens_per_second})
-
-    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
-        self.val_loss = round(val_loss, 4)
-        self.event(f"step {step}: validation loss {val_loss:.4f} (perplexity {perplexity:.1f})", "metrics",
-                   {"step": step, "val_loss": val_loss, "perplexity": perplexity})
-
-    def on_sample(self, step: int, samples) -> None:
-        self.event(f"step {step}: samples", data={"step": step, "samples": [
-            {"prompt": sample.prompt, "text": sample.text} for sample in samples]})
-
-    def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
-        if self.lease.lost:
-            return
-        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        with self.rt.transaction() as session:
-            execution.record_checkpoint(session, self.job_id, step, train_loss, val_loss, str(path), size)
-            repository.add_event(session, self.job_id, f"Checkpoint saved at step {step}")
-
-    def should_stop(self) -> bool:
-        return self.lease.should_stop
-
-
 def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_name: str) -> str:
-    """Save the trained model in Hugging Face format and register it; a retry finds the same model id."""
+    """Save the trained model in Hugging Face format and register it; a retry finds the same model id (and,
+    when that registration committed with its files in place, writes nothing again).
+
+    Nothing is left behind when it fails (a full disk, the database): the staging folder is removed, and so is
+    the model's folder unless a model row refers to it."""
     model_id = execution.model_id_for_job(job.id)
     final = rt.artifacts.model_dir(model_id)
-    staging = final.with_name(f".{model_id}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    config = json.loads((final / "config.json").read_text())  # as for imported models: Hugging Face's config
     with rt.transaction() as session:
-        registered = execution.register_job_model(
-            session, job.id, spec.model_name(base_name, job.id), str(final), config, model.num_parameters())
-        return registered.id
+        existing = session.get(Model, model_id)
+        if existing is not None and Path(existing.storage_path, "config.json").is_file():
+            return existing.id
+    staging = final.with_name(f".{model_id}.partial")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        config = json.loads((final / "config.json").read_text())  # as for imported models: Hugging Face's config
+        with rt.transaction() as session:
+            registered = execution.register_job_model(
+                session, job.id, spec.model_name(base_name, job.id), str(final), config, model.num_parameters())
+            return registered.id
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not model_registered(rt, model_id):
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def model_registered(rt: Runtime, model_id: str) -> bool:
+    """Whether a model row with this id exists; True when the database cannot tell (its files are then kept,
+    and the garbage collector removes them later if no row ever refers to them)."""
+    try:
+        with rt.transaction() as session:
+            return session.get(Model, model_id) is not None
+    except Exception:
+        log.warning("could not check whether model %s is registered; keeping its files", model_id, exc_info=True)
+        return True
+
+
+@contextmanager
+def full_disk_fails_job(what: Callable[[], str], checkpoint_dir: Path) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) while the body writes becomes the job's `disk_full` failure: what was being
+    written (`what()`), and that the last complete checkpoint is kept (the writer removed its partial output)."""
+    try:
+        yield
+    except Exception as exc:
+        error = disk_full_error(exc)
+        if error is None:
+            raise
+        latest = latest_checkpoint(checkpoint_dir)
+        kept = (f"The job's last complete checkpoint (step {int(latest.name.removeprefix('step-'))}) is kept."
+                if latest is not None else "No checkpoint of this job was complete yet.")
+        reason = os.strerror(error.errno) if error.errno is not None else "no space left"
+        raise JobFailure("disk_full", f"The server's disk is full: writing {what()} failed ({reason}). {kept} "
+                         "The operators must free disk space before the job is submitted again.") from exc
 
 
 def run_training(rt: Runtime, job_id: str) -> None:
-    """Run (or resume) training/fine-tuning job `job_id` if this delivery may; a duplicate does nothing."""
+    """Run (or resume) training/fine-tuning job `job_id` if this delivery may; a duplicate does nothing.
+
+    Ends the job succeeded, failed or cancelled; or hands it back to the queue, to resume from its last checkpoint
+    on another worker, when this worker shuts down or loses the database or broker (never failing it for that).
+    """
     lease_seconds = rt.settings.job_lease_seconds
     with rt.transaction() as session:
-        job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds)
+        job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds,
+                                  max_attempts=rt.settings.job_max_attempts,
+                                  resume_own=job_id not in ACTIVE_JOBS)
         if job is None:
             log.info("job %s: nothing to do (finished, cancelled, or running elsewhere)", job_id)
             return
@@ -174,28 +138,54 @@ def run_training(rt: Runtime, job_id: str) -> None:
         return execution.renew_lease(session, job_id, rt.worker_id, lease_seconds)
 
     with LeaseKeeper(rt, renew, f"job {job_id}") as lease:
+        reporter: JobReporter | None = None
         try:
-            outcome = train(rt, job, training_file, validation_file, lease)
+            status, result, error, reporter = train(rt, job, training_file, validation_file, lease)
         except Exception as exc:
-            outcome = (FAILED, None, error_for(exc, job_id, user_paths(training_file, validation_file)))
+            if not is_infrastructure_error(exc):
+                status, result, error = FAILED, None, error_for(exc, job_id, user_paths(training_file, validation_file))
+            else:
+                log.warning("job %s: database or broker unreachable; handing the job back", job_id, exc_info=True)
+                status, result, error = QUEUED, {"reason": f"it lost the database or the broker ({type(exc).__name__})"}, None
         if lease.lost:
             log.warning("job %s: another worker owns it now; leaving it alone", job_id)
             return
-        status, result, error = outcome
-        with rt.transaction() as session:
+
+        def end(session: Session) -> bool:
+            if reporter is not None:
+                for unit in reporter.pending:
+                    unit(session)
+            if status == QUEUED:
+                assert result is not None
+                return execution.hand_back(session, job_id, rt.worker_id, f"Worker {rt.worker_id} stopped: "
+                                           f"{result['reason']}; the job is back in the queue and resumes from its "
+                                           "last checkpoint on the next free worker")
             execution.finish_job(session, job_id, rt.worker_id, status, result=result, error=error)
+            return False
+
+        try:
+            send = rt.persist(end)
+        except execution.LeaseLost:
+            log.warning("job %s: another worker owns it now; leaving it alone", job_id)
+            return
+    if send:
+        try:
+            enqueue(rt.celery, job.type, job_id)
+        except BrokerUnavailable:  # the sweeper sends it once the broker answers
+            log.warning("job %s: handed back, but the broker is unreachable; the sweeper will send it", job_id)
     log.info("job %s: %s", job_id, status)
 
 
 def train(rt: Runtime, job: Job, training_file: File | None, validation_file: File | None,
-          lease: LeaseKeeper) -> tuple[str, dict | None, dict | None]:
+          lease: LeaseKeeper) -> tuple[str, dict | None, dict | None, JobReporter]:
     try:
         spec = job_spec(job)
     except DomainError as exc:
         raise JobFailure("invalid_file", exc.message, exc.param) from None
     assert isinstance(spec, TrainSpec) and training_file is not None and spec.seed is not None
-    dataset = prepared(rt, training_file, 0.0 if validation_file else HELD_OUT_FRACTION)
-    val_tokens = prepared(rt, validation_file, 0.0).train if validation_file else dataset.val
+    with full_disk_fails_job(lambda: "the tokens of the training data", rt.artifacts.checkpoint_dir(job.id)):
+        dataset = prepared(rt, training_file, 0.0 if validation_file else HELD_OUT_FRACTION)
+        val_tokens = prepared(rt, validation_file, 0.0).train if validation_file else dataset.val
     model, base_name = build_model(rt, job, spec)
     block_size = model.config.block_size
     if dataset.train.size <= block_size:
@@ -206,9 +196,12 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
                           checkpoint_dir=rt.artifacts.checkpoint_dir(job.id))
     reporter = JobReporter(rt, job.id, lease, steps)
-    for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
-        reporter.event(message, level="warning")
-    trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter])
+    keep = spec.hyperparameters.keep_checkpoints or rt.settings.keep_checkpoints
+    retention_policy = CheckpointRetention(rt, job.id, lease, keep, reporter)
+    if job.attempts == 1:
+        for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
+            reporter.event(message, level="warning")
+    trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter, retention_policy])
     resume_from = latest_checkpoint(config.checkpoint_dir)
     if resume_from is not None:
         trainer.resume(resume_from)
@@ -216,12 +209,20 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     else:
         reporter.event(f"Training {model.num_parameters():,} parameters for {steps} steps on {trainer.device}; "
                        f"{dataset.train.size:,} training tokens")
-    result = trainer.fit()
+    with full_disk_fails_job(lambda: f"the checkpoint at step {trainer.step}", rt.artifacts.checkpoint_dir(job.id)):
+        result = trainer.fit()
     if result.stopped:
-        return CANCELLED, None, None
-    model_id = register_model(rt, job, spec, model, base_name)
+        if lease.cancelling or lease.lost:
+            return CANCELLED, None, None, reporter
+        reason = f"the worker is shutting down (a checkpoint was saved at step {trainer.step})"
+        return QUEUED, {"reason": reason}, None, reporter
+    if reporter.val_loss is None and result.val_loss is not None:
+        reporter.val_loss = round(result.val_loss, 4)
+    reporter.finished(result.steps, result.final_loss)
+    with full_disk_fails_job(lambda: "the trained model", rt.artifacts.checkpoint_dir(job.id)):
+        model_id = register_model(rt, job, spec, model, base_name)
     return SUCCEEDED, {"model": model_id, "steps": result.steps, "train_loss": result.final_loss,
-                       "val_loss": result.val_loss}, None
+                       "val_loss": result.val_loss}, None, reporter
 
 
 def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int, block_size: int) -> list[str]:

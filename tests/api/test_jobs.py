@@ -9,6 +9,7 @@ from tests.api.conftest import ApiHelper
 DEFAULT_HYPERPARAMETERS = {
     "max_steps": 1000, "n_epochs": None, "batch_size": 8, "grad_accum_steps": 1, "learning_rate": 6e-4,
     "warmup_steps": 100, "weight_decay": 0.1, "eval_every": 100, "checkpoint_every": 500, "sample_every": 0,
+    "keep_checkpoints": 3,
 }
 DEFAULT_SAMPLING = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
                     "stop": [], "n": 1}
@@ -198,6 +199,12 @@ INVALID_BODIES = {
                             "hyperparameters.max_steps"),
     "warmup past max_steps": ({"type": "train", "training_file": "{train}",
                                "hyperparameters": {"max_steps": 10, "warmup_steps": 20}}, "hyperparameters.warmup_steps"),
+    "keep_checkpoints zero": ({"type": "train", "training_file": "{train}", "hyperparameters": {"keep_checkpoints": 0}},
+                              "hyperparameters.keep_checkpoints"),
+    "keep_checkpoints as a string": ({"type": "train", "training_file": "{train}",
+                                      "hyperparameters": {"keep_checkpoints": "2"}}, "hyperparameters.keep_checkpoints"),
+    "keep_checkpoints fractional": ({"type": "train", "training_file": "{train}",
+                                     "hyperparameters": {"keep_checkpoints": 1.5}}, "hyperparameters.keep_checkpoints"),
 }
 
 
@@ -247,6 +254,18 @@ def test_inline_prompt_limit_is_a_setting(make_app, auth):
     assert "at most 2 inline prompts" in assert_error(response, 422, "invalid_request", "prompts")
 
 
+def test_keep_checkpoints_defaults_to_the_setting_and_is_stored(make_app, auth, refs):
+    helper = ApiHelper(configured := make_app(KEEP_CHECKPOINTS=7), configured.test_client())
+    default = helper.submit_job(auth, {"type": "train", "training_file": refs["train"]})
+    assert default["hyperparameters"]["keep_checkpoints"] == 7  # GET shows what the worker will keep
+    given = helper.submit_job(auth, {"type": "finetune", "training_file": refs["train"], "model": refs["model"],
+                                     "hyperparameters": {"keep_checkpoints": 1}})
+    assert given["hyperparameters"]["keep_checkpoints"] == 1
+    assert helper.client.get(f"/v1/jobs/{given['id']}", headers=auth).json["hyperparameters"]["keep_checkpoints"] == 1
+    schema = helper.client.get("/openapi.json").json["components"]["schemas"]["Hyperparameters"]["properties"]
+    assert "KEEP_CHECKPOINTS" in schema["keep_checkpoints"]["description"]
+
+
 # Idempotency
 
 
@@ -289,19 +308,23 @@ def test_keys_are_per_owner(helper, auth, other_auth, refs):
     assert theirs["id"] != mine["id"] and theirs["training_file"] == other_file
 
 
-# Broker down: 503, and nothing acknowledged that is not stored (an unreachable database: test_tenancy.py)
+# Broker down: the job is stored and acknowledged (the database is the source of truth); the workers'
+# reconciliation sends it once the broker answers (tests/workers/test_recovery.py).
 
 
-def test_unreachable_broker_is_503_and_the_job_is_not_stored(helper, make_app, auth, refs):
+def test_unreachable_broker_still_stores_and_acknowledges_the_job(helper, make_app, auth, refs):
     down = make_app(BROKER_URL="redis://127.0.0.1:1/0").test_client()
     body = {"type": "train", "training_file": refs["train"]}
     response = down.post("/v1/jobs", json=body, headers={**auth, "Idempotency-Key": "once"})
-    assert "nothing was submitted" in assert_error(response, 503, "broker_unavailable", None)
-    assert job_ids(helper, auth) == [] and helper.broker_messages() == []
+    assert response.status_code == 202, response.get_json()
+    job = response.get_json()
+    assert job_ids(helper, auth) == [job["id"]] and job["status"] == "queued" and helper.broker_messages() == []
+    events = helper.client.get(f"/v1/jobs/{job['id']}/events", headers=auth).get_json()["data"]
+    assert "sent to the workers as soon as the queue answers" in events[-1]["message"]
 
-    # The key was not spent: the retry, once the broker is back, submits the job.
-    job = helper.submit_job(auth, body, **{"Idempotency-Key": "once"})
-    assert job_ids(helper, auth) == [job["id"]] and len(helper.broker_messages()) == 1
+    # The same key again returns the stored job, without a second one.
+    again = helper.submit(auth, body, **{"Idempotency-Key": "once"})
+    assert again.get_json()["id"] == job["id"] and job_ids(helper, auth) == [job["id"]]
 
 
 # Listing

@@ -144,7 +144,8 @@ def test_a_killed_worker_s_job_is_resumed_by_another_from_its_last_checkpoint(re
     api = redis_stack.client("carol")
     file_id = upload(api, tmp_path)
 
-    job = submit(api, train_body(file_id, 400, eval_every=50, checkpoint_every=25))
+    # keep_checkpoints 16: every checkpoint stays, so the list shows each was recorded once across the takeover
+    job = submit(api, train_body(file_id, 400, eval_every=50, checkpoint_every=25, keep_checkpoints=16))
     wait_for(api, job["id"], lambda j: j["progress"]["step"] > 60)
     [doomed] = started_on(workers, job["id"])
     doomed.kill()

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from jobs import execution as ex
+from jobs import shards as sh
 from jobs import repository as repo
 from jobs.db import session_scope
 from jobs.models import Checkpoint, GenerationResult, GenerationShard, Job, JobEvent, Model
@@ -22,7 +23,6 @@ from jobs.storage import StoredBlob
 
 LEASE = 60
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-BIG = 100_000  # stale_jobs limit that sees every job in the shared database
 
 
 def at(seconds: float) -> datetime:
@@ -64,11 +64,6 @@ def running_job(sessions, owner: str, worker: str = "w1", type: str = "train") -
     job_id = new_job(sessions, owner, type)
     assert claim(sessions, job_id, worker, T0) is not None
     return job_id
-
-
-def stale_ids(sessions, now: datetime) -> dict[str, str]:
-    with session_scope(sessions) as s:
-        return dict(ex.stale_jobs(s, now=now, limit=BIG))
 
 
 # claim_job
@@ -114,9 +109,10 @@ def test_an_expired_lease_is_taken_over(sessions, owner):
     job = claim(sessions, job_id, "w2", at(LEASE + 1))
     assert (job.status, job.lease_owner, job.attempts) == ("running", "w2", 2)
     assert job.lease_expires_at == at(2 * LEASE + 1) and job.started_at == started_at
-    last = events(sessions, job_id)[-1]
-    assert (last.message, last.level) == ("Resumed by worker w2 after the previous lease expired", "warning")
-    assert last.data == {"attempt": 2, "previous_owner": "w1"}
+    lost, resumed = events(sessions, job_id)[-2:]
+    assert lost.level == "warning" and lost.message.startswith("Attempt 1 ended without a word from worker w1")
+    assert lost.data == {"attempt": 1, "worker": "w1", "workers_lost": 1}
+    assert (resumed.message, resumed.data) == ("Resumed on worker w2 (attempt 2)", {"attempt": 2, "worker": "w2"})
     # The old worker has lost the job: everything it tries now fails and changes nothing.
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost) as raised:
@@ -135,8 +131,38 @@ def test_max_attempts_fails_a_job_that_keeps_losing_its_worker(sessions, owner):
     assert claim(sessions, job_id, "w2", at(LEASE + 1), max_attempts=2) is not None
     assert claim(sessions, job_id, "w3", at(3 * LEASE), max_attempts=2) is None
     job = load(sessions, job_id)
-    assert (job.status, job.lease_owner, job.attempts, job.error["code"]) == ("failed", None, 2, "too_many_attempts")
+    assert (job.status, job.lease_owner, job.attempts, job.workers_lost) == ("failed", None, 2, 2)
+    assert job.error["code"] == "worker_lost" and "JOB_MAX_ATTEMPTS=2" in job.error["message"]
     assert events(sessions, job_id)[-1].level == "error"
+    lost = [e.data for e in events(sessions, job_id) if e.message.startswith("Attempt ")]
+    assert lost == [{"attempt": 1, "worker": "w1", "workers_lost": 1}, {"attempt": 2, "worker": "w2", "workers_lost": 2}]
+
+
+def test_a_worker_reclaims_its_own_job_after_an_interrupted_delivery(sessions, owner):
+    job_id = running_job(sessions, owner)
+    assert claim(sessions, job_id, "w1", at(10)) is None  # a duplicate: w1 may be running it
+    job = claim(sessions, job_id, "w1", at(10), resume_own=True)  # w1 knows it is not: a delivery that failed
+    assert (job.status, job.lease_owner, job.attempts, job.workers_lost) == ("running", "w1", 2, 0)
+    assert "after its previous delivery was interrupted" in events(sessions, job_id)[-1].message
+
+
+def test_hand_back_queues_the_job_for_another_worker(sessions, owner):
+    job_id = running_job(sessions, owner)
+    with session_scope(sessions) as s:
+        assert ex.hand_back(s, job_id, "w1", "Worker w1 stopped: shutting down", now=at(5))
+    job = load(sessions, job_id)
+    assert (job.status, job.lease_owner, job.dispatched_at, job.workers_lost) == ("queued", None, at(5), 0)
+    assert events(sessions, job_id)[-1].message == "Worker w1 stopped: shutting down"
+    with session_scope(sessions) as s:
+        with pytest.raises(ex.LeaseLost):
+            ex.hand_back(s, job_id, "w1", "again")
+    job = claim(sessions, job_id, "w2", at(6))
+    assert (job.status, job.attempts) == ("running", 2)
+    assert events(sessions, job_id)[-1].message == "Resumed on worker w2 (attempt 2)"
+    with session_scope(sessions) as s:  # a cancelling job handed back is cancelled
+        repo.cancel_job(s, owner, job_id)
+        assert not ex.hand_back(s, job_id, "w2", "stopping")
+    assert load(sessions, job_id).status == "cancelled"
 
 
 def test_cancelling_job_is_cancelled_once_its_lease_expires(sessions, owner):
@@ -156,7 +182,7 @@ def test_claim_rejects_bad_arguments(sessions, owner):
     job_id = new_job(sessions, owner)
     with session_scope(sessions) as s:
         with pytest.raises(ValueError):
-            ex.claim_job(s, job_id, ex.REQUEUE_OWNER, LEASE, now=T0)
+            ex.claim_job(s, job_id, "", LEASE, now=T0)
         with pytest.raises(ValueError):
             ex.claim_job(s, job_id, "w1", 0, now=T0)
         with pytest.raises(ValueError):
@@ -325,77 +351,6 @@ def test_register_job_model_recovers_from_a_concurrent_insert(sessions, owner, m
         repo.add_event(s, job_id, "the transaction is still usable")
 
 
-# The sweeper
-
-
-def test_stale_jobs_and_mark_requeued_cycle(sessions, owner):
-    job_id = running_job(sessions, owner)
-    assert job_id not in stale_ids(sessions, at(LEASE - 1))
-    assert stale_ids(sessions, at(LEASE + 1))[job_id] == "train"
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 300, now=at(LEASE + 1))
-    with session_scope(sessions) as s:
-        assert not ex.mark_requeued(s, job_id, 300, now=at(LEASE + 2))  # already requeued
-    job = load(sessions, job_id)
-    assert (job.lease_owner, job.lease_expires_at) == (ex.REQUEUE_OWNER, at(LEASE + 301))
-    assert events(sessions, job_id)[-1].message == "Requeued: the lease of worker w1 expired"
-    assert job_id not in stale_ids(sessions, at(LEASE + 300))  # not again until the marker passes
-    assert job_id in stale_ids(sessions, at(LEASE + 302))
-    # The new message's worker claims it at once, although the marker has not passed.
-    job = claim(sessions, job_id, "w2", at(LEASE + 10))
-    assert (job.lease_owner, job.attempts, job.status) == ("w2", 2, "running")
-    assert events(sessions, job_id)[-1].level == "warning"
-    assert job_id not in stale_ids(sessions, at(LEASE + 20))
-    # A duplicate of that message finds the live lease.
-    assert claim(sessions, job_id, "w3", at(LEASE + 11)) is None
-
-
-def test_mark_requeued_is_false_when_the_worker_renewed_meanwhile(sessions, owner):
-    job_id = running_job(sessions, owner)
-    assert job_id in stale_ids(sessions, at(LEASE + 1))
-    with session_scope(sessions) as s:
-        ex.renew_lease(s, job_id, "w1", LEASE, now=at(LEASE + 1))
-    with session_scope(sessions) as s:
-        assert not ex.mark_requeued(s, job_id, 300, now=at(LEASE + 2))
-        assert not ex.mark_requeued(s, "job-doesnotexist", 300, now=at(LEASE + 2))
-    assert load(sessions, job_id).lease_owner == "w1"
-
-
-def test_requeue_marker_passes_and_the_job_is_requeued_again(sessions, owner):
-    job_id = running_job(sessions, owner)
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 100, now=at(LEASE + 1))
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 100, now=at(LEASE + 200))
-    assert events(sessions, job_id)[-1].message.startswith("Requeued again")
-    assert load(sessions, job_id).lease_expires_at == at(LEASE + 300)
-
-
-def test_requeued_cancelling_job_is_cancelled_by_the_claim(sessions, owner):
-    job_id = running_job(sessions, owner)
-    with session_scope(sessions) as s:
-        repo.cancel_job(s, owner, job_id)
-    assert stale_ids(sessions, at(LEASE + 1))[job_id] == "train"
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 300, now=at(LEASE + 1))
-    assert claim(sessions, job_id, "w2", at(LEASE + 2)) is None
-    job = load(sessions, job_id)
-    assert (job.status, job.lease_owner, job.attempts) == ("cancelled", None, 1)
-    assert job_id not in stale_ids(sessions, at(10_000))
-
-
-def test_finished_and_queued_jobs_are_never_stale(sessions, owner):
-    queued = new_job(sessions, owner)
-    finished = running_job(sessions, owner)
-    with session_scope(sessions) as s:
-        ex.finish_job(s, finished, "w1", "succeeded")
-    stale = stale_ids(sessions, at(10_000))
-    assert queued not in stale and finished not in stale
-    with session_scope(sessions) as s:
-        assert not ex.mark_requeued(s, finished, 300, now=at(10_000))
-        assert not ex.mark_requeued(s, queued, 300, now=at(10_000))
-
-
 # Shards
 
 
@@ -417,17 +372,17 @@ def shard_rows(sessions, job_id: str) -> list[GenerationShard]:
 
 def claim_shard(sessions, job_id: str, worker: str, now: datetime) -> GenerationShard | None:
     with session_scope(sessions) as s:
-        return ex.claim_shard(s, job_id, worker, LEASE, now=now)
+        return sh.claim_shard(s, job_id, worker, LEASE, now=now)
 
 
 def test_plan_shards_is_idempotent(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        assert ex.plan_shards(s, job_id, 10, 4) == 3
+        assert sh.plan_shards(s, job_id, 10, 4) == 3
     with session_scope(sessions) as s:
-        assert ex.plan_shards(s, job_id, 10, 4) == 3
-        assert ex.plan_shards(s, job_id, 99, 1) == 3  # unchanged, whatever the arguments
-        assert ex.shards_remaining(s, job_id) == 3
+        assert sh.plan_shards(s, job_id, 10, 4) == 3
+        assert sh.plan_shards(s, job_id, 99, 1) == 3  # unchanged, whatever the arguments
+        assert sh.shards_remaining(s, job_id) == 3
     shards = shard_rows(sessions, job_id)
     assert [(sh.index, sh.start, sh.stop, sh.status, sh.attempts, sh.lease_owner) for sh in shards] == [
         (0, 0, 4, "pending", 0, None), (1, 4, 8, "pending", 0, None), (2, 8, 10, "pending", 0, None)]
@@ -437,18 +392,18 @@ def test_plan_shards_is_idempotent(sessions, owner):
 def test_plan_zero_inputs_makes_no_shards(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        assert ex.plan_shards(s, job_id, 0, 4) == 0
-        assert ex.shards_remaining(s, job_id) == 0
-        assert ex.claim_shard(s, job_id, "w1", LEASE, now=T0) is None
+        assert sh.plan_shards(s, job_id, 0, 4) == 0
+        assert sh.shards_remaining(s, job_id) == 0
+        assert sh.claim_shard(s, job_id, "w1", LEASE, now=T0) is None
         with pytest.raises(ValueError):
-            ex.plan_shards(s, job_id, 10, 0)
+            sh.plan_shards(s, job_id, 10, 0)
     assert load(sessions, job_id).progress == {"total": 0, "completed": 0, "failed": 0}
 
 
 def test_shard_claims_cover_every_shard_once(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 25, 5)
+        sh.plan_shards(s, job_id, 25, 5)
     claimed = []
     while (shard := claim_shard(sessions, job_id, f"w{len(claimed) % 2}", at(1))) is not None:
         claimed.append(shard)
@@ -461,11 +416,11 @@ def test_shard_claims_cover_every_shard_once(sessions, owner):
 def test_shards_are_not_claimed_unless_the_job_is_running(sessions, owner):
     queued = new_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, queued, 4, 2)
-        assert ex.claim_shard(s, queued, "w1", LEASE, now=T0) is None
+        sh.plan_shards(s, queued, 4, 2)
+        assert sh.claim_shard(s, queued, "w1", LEASE, now=T0) is None
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 4, 2)
+        sh.plan_shards(s, job_id, 4, 2)
         repo.cancel_job(s, owner, job_id)
     assert claim_shard(sessions, job_id, "w1", at(1)) is None
     assert claim_shard(sessions, "job-doesnotexist", "w1", at(1)) is None
@@ -474,44 +429,44 @@ def test_shards_are_not_claimed_unless_the_job_is_running(sessions, owner):
 def test_an_expired_shard_is_claimed_again(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 4, 2)
+        sh.plan_shards(s, job_id, 4, 2)
     first = claim_shard(sessions, job_id, "w1", at(1))
     assert claim_shard(sessions, job_id, "w2", at(2)).index == 1
     assert claim_shard(sessions, job_id, "w3", at(3)) is None  # both leased
     with session_scope(sessions) as s:
-        assert ex.renew_shard(s, job_id, 1, "w2", LEASE, now=at(LEASE)) == "running"
+        assert sh.renew_shard(s, job_id, 1, "w2", LEASE, now=at(LEASE)) == "running"
     again = claim_shard(sessions, job_id, "w3", at(LEASE + 2))
     assert (again.index, again.lease_owner, again.attempts) == (first.index, "w3", 2)
     taken_over = events(sessions, job_id)[-1]
     assert taken_over.message == "Shard 0 taken over by worker w3 after the lease of worker w1 expired"
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost) as raised:
-            ex.renew_shard(s, job_id, 0, "w1", LEASE, now=at(LEASE + 3))
+            sh.renew_shard(s, job_id, 0, "w1", LEASE, now=at(LEASE + 3))
         assert (raised.value.index, raised.value.holder) == (0, "w3")
         with pytest.raises(ex.LeaseLost):
-            ex.renew_shard(s, job_id, 7, "w1", LEASE, now=at(LEASE + 3))
+            sh.renew_shard(s, job_id, 7, "w1", LEASE, now=at(LEASE + 3))
         repo.cancel_job(s, owner, job_id)
     with session_scope(sessions) as s:
-        assert ex.renew_shard(s, job_id, 0, "w3", LEASE, now=at(LEASE + 4)) == "cancelling"
+        assert sh.renew_shard(s, job_id, 0, "w3", LEASE, now=at(LEASE + 4)) == "cancelling"
 
 
 def test_complete_shard_upserts_results_and_counts_progress(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 5, 3)
+        sh.plan_shards(s, job_id, 5, 3)
     first = claim_shard(sessions, job_id, "w1", at(1))
     second = claim_shard(sessions, job_id, "w2", at(1))
     with session_scope(sessions) as s:
-        assert ex.complete_shard(s, job_id, 0, "w1", results_for(first, fail={1})) is False
+        assert sh.complete_shard(s, job_id, 0, "w1", results_for(first, fail={1})) is False
     assert load(sessions, job_id).progress == {"total": 5, "completed": 2, "failed": 1}
     with session_scope(sessions) as s:  # a redelivered shard: same rows, no duplicates
-        assert ex.complete_shard(s, job_id, 0, "w1", results_for(first, fail={1})) is False
-        assert ex.shards_remaining(s, job_id) == 1
+        assert sh.complete_shard(s, job_id, 0, "w1", results_for(first, fail={1})) is False
+        assert sh.shards_remaining(s, job_id) == 1
     assert load(sessions, job_id).progress == {"total": 5, "completed": 2, "failed": 1}
     with session_scope(sessions) as s:
-        assert ex.complete_shard(s, job_id, 1, "w2", results_for(second)) is True
-        assert ex.shards_remaining(s, job_id) == 0
-        assert ex.claim_shard(s, job_id, "w3", LEASE, now=at(2)) is None
+        assert sh.complete_shard(s, job_id, 1, "w2", results_for(second)) is True
+        assert sh.shards_remaining(s, job_id) == 0
+        assert sh.claim_shard(s, job_id, "w3", LEASE, now=at(2)) is None
     assert load(sessions, job_id).progress == {"total": 5, "completed": 4, "failed": 1}
     with session_scope(sessions) as s:
         rows = list(s.scalars(select(GenerationResult).where(GenerationResult.job_id == job_id)
@@ -529,79 +484,38 @@ def test_complete_shard_upserts_results_and_counts_progress(sessions, owner):
 def test_complete_shard_after_a_takeover_is_recorded(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 2, 2)
+        sh.plan_shards(s, job_id, 2, 2)
     shard = claim_shard(sessions, job_id, "w1", at(1))
     assert claim_shard(sessions, job_id, "w2", at(LEASE + 2)).index == 0
     with session_scope(sessions) as s:  # the slow first worker finishes anyway
-        assert ex.complete_shard(s, job_id, 0, "w1", results_for(shard)) is True
+        assert sh.complete_shard(s, job_id, 0, "w1", results_for(shard)) is True
     last = events(sessions, job_id)[-1]
     assert last.level == "warning" and last.message == "Shard 0 completed by worker w1 after its lease passed to w2"
     with session_scope(sessions) as s:  # the second worker's results overwrite the identical rows
-        assert ex.complete_shard(s, job_id, 0, "w2", results_for(shard)) is True
+        assert sh.complete_shard(s, job_id, 0, "w2", results_for(shard)) is True
         with pytest.raises(ex.LeaseLost):
-            ex.renew_shard(s, job_id, 0, "w2", LEASE, now=at(LEASE + 3))  # done: nothing to renew
+            sh.renew_shard(s, job_id, 0, "w2", LEASE, now=at(LEASE + 3))  # done: nothing to renew
         with pytest.raises(ValueError):
-            ex.complete_shard(s, job_id, 0, "w2", [{"index": 2, "prompt": "outside the shard"}])
+            sh.complete_shard(s, job_id, 0, "w2", [{"index": 2, "prompt": "outside the shard"}])
         with pytest.raises(ex.LeaseLost):
-            ex.complete_shard(s, job_id, 5, "w2", [])
+            sh.complete_shard(s, job_id, 5, "w2", [])
     assert load(sessions, job_id).progress == {"total": 2, "completed": 2, "failed": 0}
 
 
 def test_release_shard_returns_it_to_pending(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 4, 2)
+        sh.plan_shards(s, job_id, 4, 2)
     claim_shard(sessions, job_id, "w1", at(1))
     with session_scope(sessions) as s:
-        assert not ex.release_shard(s, job_id, 0, "w2")  # not its shard
-        assert ex.release_shard(s, job_id, 0, "w1")
-        assert not ex.release_shard(s, job_id, 0, "w1")
-        assert ex.shards_remaining(s, job_id) == 2
+        assert not sh.release_shard(s, job_id, 0, "w2")  # not its shard
+        assert sh.release_shard(s, job_id, 0, "w1")
+        assert not sh.release_shard(s, job_id, 0, "w1")
+        assert sh.shards_remaining(s, job_id) == 2
     shard = shard_rows(sessions, job_id)[0]
     assert (shard.status, shard.lease_owner, shard.lease_expires_at, shard.attempts) == ("pending", None, None, 1)
     again = claim_shard(sessions, job_id, "w2", at(2))
     assert (again.index, again.attempts) == (0, 2)
-
-
-def test_a_generate_job_with_an_expired_shard_is_stale(sessions, owner):
-    job_id = running_job(sessions, owner, "coordinator", type="generate")
-    with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 6, 2)
-    claim_shard(sessions, job_id, "helper", at(1))
-    with session_scope(sessions) as s:
-        ex.renew_lease(s, job_id, "coordinator", 10 * LEASE, now=at(2))  # the job's own lease stays live
-    assert job_id not in stale_ids(sessions, at(LEASE))
-    assert stale_ids(sessions, at(LEASE + 2))[job_id] == "generate"
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 300, now=at(LEASE + 2))
-    with session_scope(sessions) as s:
-        assert not ex.mark_requeued(s, job_id, 300, now=at(LEASE + 3))
-    job = load(sessions, job_id)
-    assert job.lease_owner == "coordinator"  # its live holder keeps the job
-    shard = shard_rows(sessions, job_id)[0]
-    assert (shard.status, shard.lease_owner, shard.lease_expires_at) == ("running", ex.REQUEUE_OWNER,
-                                                                          at(LEASE + 302))
-    assert job_id not in stale_ids(sessions, at(LEASE + 100))
-    with session_scope(sessions) as s:  # the coordinator renewing does not take it off the list
-        ex.renew_lease(s, job_id, "coordinator", 10 * LEASE, now=at(LEASE + 100))
-    assert job_id in stale_ids(sessions, at(LEASE + 303))
-    again = claim_shard(sessions, job_id, "helper2", at(LEASE + 5))  # requeued: claimable at once
-    assert (again.index, again.lease_owner, again.attempts) == (0, "helper2", 2)
-    assert job_id not in stale_ids(sessions, at(LEASE + 6))
-
-
-def test_an_expired_job_lease_requeues_the_job_even_with_expired_shards(sessions, owner):
-    job_id = running_job(sessions, owner, type="generate")
-    with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 6, 2)
-    claim_shard(sessions, job_id, "w1", at(1))
-    with session_scope(sessions) as s:
-        assert ex.mark_requeued(s, job_id, 300, now=at(LEASE + 2))
-    assert load(sessions, job_id).lease_owner == ex.REQUEUE_OWNER
-    assert job_id not in stale_ids(sessions, at(LEASE + 100))  # the marker hides it despite its shard
-    job = claim(sessions, job_id, "w2", at(LEASE + 3))
-    assert job.lease_owner == "w2"
-    assert claim_shard(sessions, job_id, "w2", at(LEASE + 4)).index == 0  # the dead worker's shard first
 
 
 def test_concurrent_shard_claims_never_overlap(sessions, owner):
@@ -609,7 +523,7 @@ def test_concurrent_shard_claims_never_overlap(sessions, owner):
     workers = 4
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 400, 10)
+        sh.plan_shards(s, job_id, 400, 10)
     barrier = threading.Barrier(workers)
     claimed: dict[str, list[int]] = {f"w{i}": [] for i in range(workers)}
     errors: list[BaseException] = []
@@ -619,7 +533,7 @@ def test_concurrent_shard_claims_never_overlap(sessions, owner):
             barrier.wait()
             while True:
                 with session_scope(sessions) as s:
-                    shard = ex.claim_shard(s, job_id, worker, LEASE, now=at(1))
+                    shard = sh.claim_shard(s, job_id, worker, LEASE, now=at(1))
                     if shard is None:
                         return
                     claimed[worker].append(shard.index)
@@ -644,7 +558,7 @@ def test_concurrent_workers_complete_every_shard_without_deadlock(sessions, owne
     referencing the job and locks on the job never wait on each other in a cycle (PostgreSQL would abort one)."""
     job_id = running_job(sessions, owner, "coordinator", type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 160, 4)
+        sh.plan_shards(s, job_id, 160, 4)
     barrier = threading.Barrier(5)
     errors: list[BaseException] = []
     done = threading.Event()
@@ -654,7 +568,7 @@ def test_concurrent_workers_complete_every_shard_without_deadlock(sessions, owne
             barrier.wait()
             while True:
                 with session_scope(sessions) as s:
-                    shard = ex.claim_shard(s, job_id, worker, LEASE, now=at(1))
+                    shard = sh.claim_shard(s, job_id, worker, LEASE, now=at(1))
                     span = None if shard is None else (shard.index, shard.start, shard.stop)
                 if span is None:
                     return
@@ -662,7 +576,7 @@ def test_concurrent_workers_complete_every_shard_without_deadlock(sessions, owne
                 results = [{"index": i, "custom_id": None, "prompt": "p", "completions": [], "usage": {},
                             "error": None} for i in range(start, stop)]
                 with session_scope(sessions) as s:
-                    ex.complete_shard(s, job_id, index, worker, results)
+                    sh.complete_shard(s, job_id, index, worker, results)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -683,7 +597,7 @@ def test_concurrent_workers_complete_every_shard_without_deadlock(sessions, owne
     assert not errors, errors[0]
     assert load(sessions, job_id).progress == {"total": 160, "completed": 160, "failed": 0}
     with session_scope(sessions) as s:
-        assert ex.shards_remaining(s, job_id) == 0
+        assert sh.shards_remaining(s, job_id) == 0
 
 
 def test_concurrent_deliveries_of_one_job_claim_it_once(sessions, owner):
@@ -722,28 +636,28 @@ def test_progress_counts_results_written_through_the_orm_too(sessions, owner):
     """The ORM stores error=None as JSON null, not SQL NULL; such a result still counts as completed."""
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 4, 2)
+        sh.plan_shards(s, job_id, 4, 2)
         s.add(GenerationResult(job_id=job_id, index=0, prompt="p", completions=[], usage={}, error=None))
     shard = claim_shard(sessions, job_id, "w1", at(1))
     assert shard.index == 0
     with session_scope(sessions) as s:
-        ex.complete_shard(s, job_id, 0, "w1", results_for(shard, fail={1})[1:])
+        sh.complete_shard(s, job_id, 0, "w1", results_for(shard, fail={1})[1:])
     assert load(sessions, job_id).progress == {"total": 4, "completed": 1, "failed": 1}
 
 
 def test_deleting_a_job_deletes_its_shards(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 4, 2)
+        sh.plan_shards(s, job_id, 4, 2)
     with session_scope(sessions) as s:
         s.delete(s.get(Job, job_id))
     assert shard_rows(sessions, job_id) == []
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost):
-            ex.renew_shard(s, job_id, 0, "w1", LEASE, now=at(1))
+            sh.renew_shard(s, job_id, 0, "w1", LEASE, now=at(1))
         with pytest.raises(ex.LeaseLost):
-            ex.complete_shard(s, job_id, 0, "w1", [])
-        assert ex.shards_remaining(s, job_id) == 0
+            sh.complete_shard(s, job_id, 0, "w1", [])
+        assert sh.shards_remaining(s, job_id) == 0
 
 
 # finish_generation: any worker taking part ends a generate job
@@ -752,7 +666,7 @@ def test_deleting_a_job_deletes_its_shards(sessions, owner):
 def planned_job(sessions, owner: str, total: int = 4, size: int = 2) -> str:
     job_id = running_job(sessions, owner, "coordinator", type="generate")
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, total, size)
+        sh.plan_shards(s, job_id, total, size)
     return job_id
 
 
@@ -760,17 +674,17 @@ def test_finish_generation_succeeds_once_every_shard_is_done(sessions, owner):
     job_id = planned_job(sessions, owner)
     first = claim_shard(sessions, job_id, "helper", at(1))
     with session_scope(sessions) as s:
-        ex.complete_shard(s, job_id, first.index, "helper", results_for(first, fail={0}))
-        assert ex.finish_generation(s, job_id) is None  # shard 1 is not done
+        sh.complete_shard(s, job_id, first.index, "helper", results_for(first, fail={0}))
+        assert sh.finish_generation(s, job_id) is None  # shard 1 is not done
     second = claim_shard(sessions, job_id, "helper", at(2))
     with session_scope(sessions) as s:
-        assert ex.complete_shard(s, job_id, second.index, "helper", results_for(second)) is True
+        assert sh.complete_shard(s, job_id, second.index, "helper", results_for(second)) is True
     with session_scope(sessions) as s:
-        job = ex.finish_generation(s, job_id)
+        job = sh.finish_generation(s, job_id)
         assert (job.status, job.result, job.error) == ("succeeded", {"total": 4, "completed": 3, "failed": 1}, None)
     with session_scope(sessions) as s:
-        assert ex.finish_generation(s, job_id) is None  # a second worker arriving late
-        assert ex.finish_generation(s, "job-doesnotexist") is None
+        assert sh.finish_generation(s, job_id) is None  # a second worker arriving late
+        assert sh.finish_generation(s, "job-doesnotexist") is None
     job = load(sessions, job_id)
     assert (job.status, job.lease_owner, job.progress) == ("succeeded", None,
                                                            {"total": 4, "completed": 3, "failed": 1})
@@ -783,19 +697,19 @@ def test_finish_generation_succeeds_once_every_shard_is_done(sessions, owner):
 def test_finish_generation_waits_for_the_plan(sessions, owner):
     job_id = running_job(sessions, owner, type="generate")
     with session_scope(sessions) as s:
-        assert ex.finish_generation(s, job_id) is None  # no shards yet: not "all done"
+        assert sh.finish_generation(s, job_id) is None  # no shards yet: not "all done"
     assert load(sessions, job_id).status == "running"
     with session_scope(sessions) as s:
-        ex.plan_shards(s, job_id, 0, 2)
+        sh.plan_shards(s, job_id, 0, 2)
     with session_scope(sessions) as s:
-        job = ex.finish_generation(s, job_id)
+        job = sh.finish_generation(s, job_id)
         assert (job.status, job.result) == ("succeeded", {"total": 0, "completed": 0, "failed": 0})
     queued = new_job(sessions, owner, type="generate")
     train = running_job(sessions, owner)
     with session_scope(sessions) as s:
-        assert ex.finish_generation(s, queued) is None
+        assert sh.finish_generation(s, queued) is None
         with pytest.raises(ValueError):
-            ex.finish_generation(s, train)
+            sh.finish_generation(s, train)
 
 
 def test_finish_generation_cancels_and_frees_the_shards(sessions, owner):
@@ -803,17 +717,17 @@ def test_finish_generation_cancels_and_frees_the_shards(sessions, owner):
     done = claim_shard(sessions, job_id, "helper1", at(1))
     claim_shard(sessions, job_id, "helper2", at(1))
     with session_scope(sessions) as s:
-        ex.complete_shard(s, job_id, done.index, "helper1", results_for(done))
+        sh.complete_shard(s, job_id, done.index, "helper1", results_for(done))
         repo.cancel_job(s, owner, job_id)
     with session_scope(sessions) as s:
-        assert ex.renew_shard(s, job_id, 1, "helper2", LEASE, now=at(2)) == "cancelling"
-        job = ex.finish_generation(s, job_id)
+        assert sh.renew_shard(s, job_id, 1, "helper2", LEASE, now=at(2)) == "cancelling"
+        job = sh.finish_generation(s, job_id)
         assert (job.status, job.result) == ("cancelled", {"total": 6, "completed": 2, "failed": 0})
     assert [sh.status for sh in shard_rows(sessions, job_id)] == ["done", "pending", "pending"]
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost):
-            ex.renew_shard(s, job_id, 1, "helper2", LEASE, now=at(3))
-        assert ex.claim_shard(s, job_id, "helper3", LEASE, now=at(3)) is None
+            sh.renew_shard(s, job_id, 1, "helper2", LEASE, now=at(3))
+        assert sh.claim_shard(s, job_id, "helper3", LEASE, now=at(3)) is None
 
 
 def test_finish_generation_with_an_error_fails_the_job(sessions, owner):
@@ -821,13 +735,13 @@ def test_finish_generation_with_an_error_fails_the_job(sessions, owner):
     claim_shard(sessions, job_id, "helper", at(1))
     error = {"code": "model_not_found", "message": "The weights are missing.", "param": "model"}
     with session_scope(sessions) as s:
-        job = ex.finish_generation(s, job_id, error=error)
+        job = sh.finish_generation(s, job_id, error=error)
         assert (job.status, job.error, job.result) == ("failed", error, None)
     last = events(sessions, job_id)[-1]
     assert (last.level, last.data) == ("error", error)
     assert shard_rows(sessions, job_id)[0].lease_owner is None
     with session_scope(sessions) as s:
-        assert ex.finish_generation(s, job_id, error=error) is None
+        assert sh.finish_generation(s, job_id, error=error) is None
 
 
 def test_finish_job_of_a_generate_job_frees_its_shards(sessions, owner):
@@ -837,4 +751,4 @@ def test_finish_job_of_a_generate_job_frees_its_shards(sessions, owner):
         ex.finish_job(s, job_id, "coordinator", "failed", error={"code": "x", "message": "y", "param": None})
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost):
-            ex.renew_shard(s, job_id, 0, "helper", LEASE, now=at(2))
+            sh.renew_shard(s, job_id, 0, "helper", LEASE, now=at(2))

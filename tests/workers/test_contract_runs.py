@@ -178,11 +178,11 @@ def test_one_failing_prompt_fails_only_itself(rt, owner, monkeypatch, caplog, ti
 def test_shard_failing_for_infrastructure_is_retried(rt, owner, monkeypatch, tiny_model):
     real, calls = generation.generate_items, []
 
-    def flaky(model, job_id, items):
+    def flaky(model, job_id, items, *args):
         calls.append(len(items))
         if len(calls) == 1:
             raise OSError("disk hiccup")
-        return real(model, job_id, items)
+        return real(model, job_id, items, *args)
 
     monkeypatch.setattr(generation, "generate_items", flaky)
     model_id = register(rt, owner, tiny_model, "tiny")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import secrets
-from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from workers.generation import ModelCache, run_generation
 from workers.runtime import JobFailure, Runtime, error_for
-from workers.sweeper import sweep
 from workers.training import run_training
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
@@ -137,20 +135,6 @@ def test_generation_writes_one_result_per_prompt(rt, owner, tmp_path):
         results, _ = repository.list_generation_results(session, owner, job_id, limit=10)
     assert [r.index for r in results] == [0, 1, 2]
     assert results[2].error["code"] == "prompt_too_long" and results[0].completions[0]["tokens"] == 4
-
-
-def test_the_sweeper_requeues_a_job_whose_worker_stopped_renewing(rt, owner):
-    job_id = train_job(rt, owner, upload(rt, owner, CORPUS))
-    long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
-    with session_scope(rt.sessions) as session:
-        execution.claim_job(session, job_id, "dead:1", 30, now=long_ago)
-    assert job_id in sweep(rt)
-    assert job_id not in sweep(rt)  # requeued once per lease, not on every sweep
-    messages = list((rt.settings.broker_folder / "messages").iterdir())
-    assert any(job_id in path.read_text() for path in messages)
-    run_training(rt, job_id)
-    resumed = job(rt, job_id)
-    assert resumed.status == "succeeded" and resumed.attempts == 2
 
 
 def test_model_cache_keeps_at_most_its_capacity(tmp_path):

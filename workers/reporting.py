@@ -1,0 +1,166 @@
+"""Trainer callbacks that report a job's run into the database: progress, metrics and message events, checkpoint
+rows (JobReporter), and the checkpoint retention that keeps a job's disk use bounded (CheckpointRetention)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from gpt2core.train import StepMetrics, TrainerCallback, list_checkpoints
+from jobs import execution, repository, retention
+
+from .runtime import LeaseKeeper, Runtime, is_infrastructure_error
+
+log = logging.getLogger("workers.training")
+
+PROGRESS_INTERVAL = 1.0  # seconds between progress writes
+METRIC_EVENTS = 100  # about this many metrics events over a run
+MAX_PENDING = 10_000  # writes kept while the database cannot be reached
+
+
+class JobReporter(TrainerCallback):
+    """Writes what the Trainer does into the job: progress (about once a second), metrics and message events,
+    checkpoint rows. Its should_stop() is the job's cancellation, the loss of its lease, or this worker's
+    shutdown.
+
+    A database blip never stops training: a write that cannot get through is kept (the newest MAX_PENDING) and
+    written with the next one that does; a progress update that fails is simply replaced by the next."""
+
+    def __init__(self, rt: Runtime, job_id: str, lease: LeaseKeeper, steps: int):
+        self.rt, self.job_id, self.lease, self.steps = rt, job_id, lease, steps
+        self.metrics_every = max(1, steps // METRIC_EVENTS)
+        self.val_loss: float | None = None
+        self.last_write = 0.0
+        self.step = 0
+        self.progress: dict[str, Any] = {"tokens_per_second": None}  # the last progress written
+        self.pending: list[Callable[[Session], object]] = []
+        self.unreachable_since: float | None = None
+        self.dropped = 0
+
+    def flush(self, progress: dict[str, Any] | None = None) -> bool:
+        """Write what is pending (and `progress`, which renews the lease) in one transaction; False when the
+        database cannot be reached (all is kept for the next try). LeaseLost marks the lease lost."""
+        if self.lease.lost or (not self.pending and progress is None):
+            return True
+        units = list(self.pending)
+        try:
+            with self.rt.transaction() as session:
+                if self.unreachable_since is not None:
+                    seconds = time.monotonic() - self.unreachable_since
+                    dropped = f"; {self.dropped} older ones were dropped" if self.dropped else ""
+                    repository.add_event(
+                        session, self.job_id, f"The database could not be reached for {seconds:.0f} s; training went "
+                        f"on, and the {len(units)} writes of that time are stored now{dropped}", level="warning",
+                        data={"seconds": round(seconds, 1), "writes": len(units), "dropped": self.dropped})
+                for unit in units:
+                    unit(session)
+                if progress is not None:
+                    self.lease.observe(execution.update_progress(
+                        session, self.job_id, self.rt.worker_id, progress, self.rt.settings.job_lease_seconds))
+        except execution.LeaseLost:
+            self.lease.lost = True
+            return True
+        except Exception as exc:
+            if not is_infrastructure_error(exc):
+                raise
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+                log.warning("job %s: database unreachable (%s); training goes on, writes are kept", self.job_id,
+                            type(exc).__name__)
+            return False
+        del self.pending[:len(units)]
+        self.unreachable_since, self.dropped = None, 0
+        return True
+
+    def write(self, unit: Callable[[Session], object]) -> None:
+        """Store `unit`'s writes now, or as soon as the database answers again."""
+        if self.lease.lost:
+            return
+        self.pending.append(unit)
+        if len(self.pending) > MAX_PENDING:
+            self.dropped += len(self.pending) - MAX_PENDING
+            del self.pending[:-MAX_PENDING]
+        self.flush()
+
+    def event(self, message: str, type: str = "message", data: dict[str, Any] | None = None,
+              level: str = "info") -> None:
+        self.write(lambda session: repository.add_event(session, self.job_id, message, type=type, data=data,
+                                                        level=level))
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        self.step = metrics.step
+        now = time.monotonic()
+        if now - self.last_write >= PROGRESS_INTERVAL or metrics.step == self.steps:
+            self.last_write = now
+            remaining = self.steps - metrics.step
+            self.progress = {
+                "step": metrics.step, "total_steps": self.steps, "loss": round(metrics.loss, 4),
+                "val_loss": self.val_loss, "tokens_per_second": round(metrics.tokens_per_second, 1),
+                "eta_seconds": round(remaining * metrics.step_time, 1),
+            }
+            self.flush(self.progress)
+        if metrics.step % self.metrics_every == 0 or metrics.step == self.steps:
+            self.event(f"step {metrics.step}/{self.steps}: loss {metrics.loss:.4f}", "metrics", {
+                "step": metrics.step, "loss": metrics.loss, "learning_rate": metrics.learning_rate,
+                "grad_norm": metrics.grad_norm, "tokens_per_second": metrics.tokens_per_second})
+
+    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
+        self.val_loss = round(val_loss, 4)
+        self.event(f"step {step}: validation loss {val_loss:.4f} (perplexity {perplexity:.1f})", "metrics",
+                   {"step": step, "val_loss": val_loss, "perplexity": perplexity})
+
+    def on_sample(self, step: int, samples) -> None:
+        self.event(f"step {step}: samples", data={"step": step, "samples": [
+            {"prompt": sample.prompt, "text": sample.text} for sample in samples]})
+
+    def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
+        self.step = step
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+        def record(session: Session) -> None:
+            execution.record_checkpoint(session, self.job_id, step, train_loss, val_loss, str(path), size)
+            repository.add_event(session, self.job_id, f"Checkpoint saved at step {step}")
+
+        self.write(record)
+
+    def should_stop(self) -> bool:
+        return self.lease.should_stop
+
+    def finished(self, step: int, loss: float | None) -> None:
+        """The progress of a run that reached its end (also one resumed from its final checkpoint, which trains
+        no further step)."""
+        self.progress = {**self.progress, "step": step, "total_steps": self.steps, "eta_seconds": 0.0,
+                         "loss": None if loss is None else round(loss, 4), "val_loss": self.val_loss}
+        self.flush(self.progress)
+
+
+class CheckpointRetention(TrainerCallback):
+    """Keeps disk bounded while a job trains: after each checkpoint is recorded, only the job's last `keep`
+    checkpoints and the one with the lowest validation loss stay (jobs.retention decides); the others' rows
+    and directories are deleted, so the job's checkpoint list shows what exists. The newest checkpoint, the one
+    training resumes from, always stays. Runs after the JobReporter (which records the checkpoint); never fails
+    the job: what it cannot delete now, it deletes after the next checkpoint (or the garbage collector does)."""
+
+    def __init__(self, rt: Runtime, job_id: str, lease: LeaseKeeper, keep: int, reporter: JobReporter):
+        self.rt, self.job_id, self.lease, self.keep, self.reporter = rt, job_id, lease, keep, reporter
+
+    def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
+        if self.lease.lost or self.reporter.pending:
+            return  # not this worker's job any more, or rows not stored yet (the database is unreachable)
+        on_disk = {found: str(folder) for found, folder in list_checkpoints(Path(path).parent)}
+        try:
+            with self.rt.transaction() as session:
+                doomed = retention.prune_checkpoint_rows(session, self.job_id, self.keep, on_disk)
+        except Exception as exc:
+            log.warning("job %s: checkpoint retention skipped (%s); it runs again after the next checkpoint",
+                        self.job_id, type(exc).__name__, exc_info=not is_infrastructure_error(exc))
+            return
+        for folder in doomed:
+            try:
+                self.rt.artifacts.delete(Path(folder))
+            except (OSError, ValueError):
+                log.warning("job %s: could not remove checkpoint %s", self.job_id, folder, exc_info=True)
