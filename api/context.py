@@ -1,6 +1,7 @@
 """What every /v1 route shares: the caller's identity, a unit-of-work session, paging and JSON shapes."""
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator
@@ -10,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from jobs import repository
 from jobs.db import session_scope
+from jobs.repository import MAX_PAGE_SIZE
 from jobs.text import storable
 
 from .errors import ApiError
@@ -74,26 +76,28 @@ def v1_blueprint(name: str) -> Blueprint:
 
 
 MAX_INT_CURSOR = 2**31 - 1  # integer ids and indexes are 32-bit INTEGER columns
+DEFAULT_PAGE_SIZE = 20
+
+
+def query_integer(name: str, raw: str, low: int, high: int) -> int:
+    """A query value as an integer from `low` to `high`, written as JSON writes integers (ASCII digits, an
+    optional minus): Python's int() would also take "+5", " 5", "5_0" and other scripts' digits, which the
+    document's `integer` does not."""
+    if not re.fullmatch(r"-?[0-9]+", raw):
+        raise ApiError(400, "invalid_request", f"{name} must be an integer from {low} to {high}, got {raw!r}", name)
+    number = int(raw)
+    if not low <= number <= high:
+        raise ApiError(400, "invalid_request", f"{name} must be from {low} to {high}, got {number}", name)
+    return number
 
 
 def paging(cursor_type: type = str) -> dict[str, Any]:
-    """`after` and `limit` from the query string, as repository list functions take them."""
-    raw_limit = request.args.get("limit", "20")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        raise ApiError(400, "invalid_request", f"limit must be an integer from 1 to 100, got {raw_limit!r}", "limit") from None
-    if not 1 <= limit <= 100:
-        raise ApiError(400, "invalid_request", f"limit must be from 1 to 100, got {limit}", "limit")
+    """`after` and `limit` from the query string, as repository list functions take them. The bounds are the
+    ones the OpenAPI document declares (api.openapi imports them)."""
+    limit = query_integer("limit", request.args.get("limit", str(DEFAULT_PAGE_SIZE)), 1, MAX_PAGE_SIZE)
     after: str | int | None = request.args.get("after")
     if isinstance(after, str) and cursor_type is int:
-        try:
-            number = int(after)
-        except ValueError:
-            raise ApiError(400, "invalid_request", f"after must be an integer id, got {after!r}", "after") from None
-        if not 0 <= number <= MAX_INT_CURSOR:
-            raise ApiError(400, "invalid_request", f"after must be from 0 to {MAX_INT_CURSOR}, got {number}", "after")
-        after = number
+        after = query_integer("after", after, 0, MAX_INT_CURSOR)
     return {"after": after, "limit": limit}
 
 

@@ -1,4 +1,10 @@
-"""The OpenAPI 3.1 document, generated from the request schemas, and a self-contained rendered reference."""
+"""The OpenAPI 3.1 document, generated from the routes, the request schemas and the limits the server checks, and
+a self-contained rendered reference.
+
+Every bound the document states is imported from where the server enforces it (jobs.specs for job bodies, jobs.models
+for names and enums, api.context for paging), so the two cannot drift; tests/api/test_schemathesis.py fuzzes the
+served document against the served API with every schemathesis check.
+"""
 from __future__ import annotations
 
 import html
@@ -7,11 +13,14 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 from pydantic import TypeAdapter
 
-from jobs.models import JOB_TYPES
-from jobs.states import STATUSES
-
-from jobs.models import FILE_PURPOSES
+from jobs.models import EVENT_LEVELS, EVENT_TYPES, FILE_PURPOSES, JOB_TYPES, MODEL_SOURCES, NAME_LENGTH
 from jobs.specs import JobSpec as JobRequest
+from jobs.specs import ResourceId
+from jobs.states import STATUSES
+from jobs.text import NAME_PATTERN
+
+from .context import DEFAULT_PAGE_SIZE, MAX_INT_CURSOR, MAX_PAGE_SIZE
+from .jobs import IDEMPOTENCY_KEY_PATTERN
 
 openapi = Blueprint("openapi", __name__)
 
@@ -23,81 +32,243 @@ ERROR_SCHEMA = {
             "type": "object",
             "required": ["code", "message", "param"],
             "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "param": {"type": ["string", "null"]},
+                "code": {"type": "string", "description": "Stable, for programs: not_found, invalid_request, ..."},
+                "message": {"type": "string", "description": "For people: what is wrong and, where it helps, what to do."},
+                "param": {"type": ["string", "null"], "description": "The field, query parameter or header at fault."},
             },
         }
     },
 }
 
+#: When each error status is answered; an operation lists the ones it can give.
+ERRORS = {
+    "400": "The request is malformed: a path id, query value, header or form field the document refuses, a body "
+           "that is not JSON, a file or archive whose content its reader refuses, or an id (cursor, file, model) "
+           "that names nothing of yours that fits.",
+    "401": "The API key is missing, malformed or revoked.",
+    "404": "Nothing with this id belongs to the key's owner.",
+    "409": "The request clashes with the resource's current state (it is in use, already finished, the "
+           "Idempotency-Key was used with another body) or with a concurrent change; nothing was changed.",
+    "410": "The model's files are no longer stored.",
+    "413": "The body is larger than the upload limit (MAX_UPLOAD_BYTES).",
+    "415": "The body is not of the media type the operation takes.",
+    "422": "The JSON body breaks the job schema, or a rule that depends on another field, on the settings or on the "
+           "referenced model or file (n_embd divisible by n_head, warmup_steps within max_steps, a context the "
+           "model has, enough tokens in the training file).",
+    "503": "The database cannot be reached; nothing was done. Try again shortly.",
+    "507": "The server's disk is full; nothing was stored. Try again later.",
+}
 
-def query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema or {"type": "string"}}
+ID = TypeAdapter(ResourceId).json_schema()
+UNIX_TIME = {"type": "integer", "description": "Seconds since the Unix epoch."}
+MAYBE_UNIX_TIME = {"type": ["integer", "null"], "description": "Seconds since the Unix epoch, or null."}
+MAYBE_ID = {"type": ["string", "null"]}
+NAME = {"type": "string", "minLength": 1, "maxLength": NAME_LENGTH, "pattern": NAME_PATTERN}
+BINARY = {"type": "string", "format": "binary"}
 
 
-def multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"required": True, "content": {"multipart/form-data": {"schema": {
+def obj(properties: dict[str, Any], description: str | None = None, **extra: Any) -> dict[str, Any]:
+    """An object schema whose properties are all required (the API always writes every key, null or not)."""
+    schema = {"type": "object", "required": list(properties), "properties": properties, **extra}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def page_of(item: str, id_schema: dict[str, Any]) -> dict[str, Any]:
+    """A list page of `item`s: first_id and last_id are the page's ends (null when empty); pass last_id as
+    `after` for the next page while has_more."""
+    maybe_id = {"type": [id_schema["type"], "null"]}
+    return obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref(item)},
+                "first_id": maybe_id, "last_id": maybe_id, "has_more": {"type": "boolean"}})
+
+
+def deleted(kind: str) -> dict[str, Any]:
+    return obj({"id": {"type": "string"}, "object": {"const": kind}, "deleted": {"const": True}})
+
+
+#: The objects the API answers with.
+RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": ERROR_SCHEMA,
+    "Health": obj({"status": {"const": "ok"}}),
+    "Readiness": obj({"status": {"enum": ["ready", "unavailable"]},
+                      "checks": obj({"database": {"enum": ["ok", "unreachable"]},
+                                     "broker": {"enum": ["ok", "unreachable"]}})}),
+    "File": obj({
+        "id": {"type": "string"}, "object": {"const": "file"}, "purpose": {"enum": list(FILE_PURPOSES)},
+        "filename": {"type": "string"}, "bytes": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "records": {"type": "integer", "minimum": 0, "description": "Documents (train) or prompts (generate)."},
+        "tokens": {"type": ["integer", "null"], "description": "The exact token count of a training file up to "
+                                                               "1 MiB; null otherwise."},
+        "created_at": UNIX_TIME}),
+    "FileDeleted": deleted("file"),
+    "Job": obj({
+        "id": {"type": "string"}, "object": {"const": "job"}, "type": {"enum": list(JOB_TYPES)},
+        "status": {"enum": list(STATUSES)}, "created_at": UNIX_TIME, "started_at": MAYBE_UNIX_TIME,
+        "finished_at": MAYBE_UNIX_TIME, "training_file": MAYBE_ID, "validation_file": MAYBE_ID,
+        "input_file": MAYBE_ID, "progress": {"type": "object"}, "result": {"type": ["object", "null"]},
+        "error": {"type": ["object", "null"]}, "attempts": {"type": "integer", "minimum": 0},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}}},
+        "A job; besides these keys, its type's resolved parameters: model, hyperparameters, seed and suffix "
+        "(train, finetune) or model, sampling and prompt_count (generate).", additionalProperties=True),
+    "Event": obj({"id": {"type": "integer"}, "object": {"const": "job.event"}, "created_at": UNIX_TIME,
+                  "level": {"enum": list(EVENT_LEVELS)}, "type": {"enum": list(EVENT_TYPES)},
+                  "message": {"type": "string"}, "data": {"type": ["object", "null"]}}),
+    "Checkpoint": obj({"id": {"type": "string"}, "object": {"const": "job.checkpoint"},
+                       "step": {"type": "integer"}, "train_loss": {"type": ["number", "null"]},
+                       "val_loss": {"type": ["number", "null"]}, "created_at": UNIX_TIME,
+                       "bytes": {"type": "integer", "minimum": 0}}),
+    "Result": obj({"id": {"type": "integer", "description": "The same as index: the cursor for `after`."},
+                   "custom_id": {"type": ["string", "null"]}, "index": {"type": "integer", "minimum": 0},
+                   "prompt": {"type": "string"}, "completions": {"type": "array", "items": {"type": "object"}},
+                   "usage": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}}),
+    "Model": obj({"id": {"type": "string"}, "object": {"const": "model"}, "name": {"type": "string"},
+                  "source": {"enum": list(MODEL_SOURCES)}, "job_id": MAYBE_ID,
+                  "config": {"type": "object", "description": "The checkpoint's config.json."},
+                  "parameter_count": {"type": "integer", "minimum": 0}, "created_at": UNIX_TIME}),
+    "ModelDeleted": deleted("model"),
+}
+RESPONSE_SCHEMAS.update({"FileList": page_of("File", ID), "JobList": page_of("Job", ID),
+                         "ModelList": page_of("Model", ID), "EventList": page_of("Event", {"type": "integer"}),
+                         "CheckpointList": page_of("Checkpoint", ID), "ResultList": page_of("Result", {"type": "integer"})})
+
+
+def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def multipart(properties: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
+    return {"required": True, "description": description, "content": {"multipart/form-data": {"schema": {
         "type": "object", "properties": properties, "required": required}}}}
 
 
-LIMIT = query("limit", "Page size, 1 to 100 (default 20).", {"type": "integer", "minimum": 1, "maximum": 100})
-AFTER_ID = query("after", "The last id of the previous page (its last_id).")
-AFTER_INT = query("after", "The last id of the previous page (its last_id).", {"type": "integer"})
-BINARY = {"type": "string", "format": "binary"}
+def json_response(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": ref(schema)}}
 
-#: What the url_map cannot tell: bodies, query parameters and success codes, by endpoint.
+
+LIMIT = query("limit", f"Page size, 1 to {MAX_PAGE_SIZE} (default {DEFAULT_PAGE_SIZE}).",
+              {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE, "default": DEFAULT_PAGE_SIZE})
+AFTER_ID = query("after", "The last id of the previous page (its last_id); an id that names nothing of yours is "
+                          "a 400.", ID)
+AFTER_INT = query("after", "The last id of the previous page (its last_id).",
+                  {"type": "integer", "minimum": 0, "maximum": MAX_INT_CURSOR})
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {
+    "type": "string", "minLength": 1, "maxLength": NAME_LENGTH, "pattern": IDEMPOTENCY_KEY_PATTERN},
+    "description": "Printable ASCII. A retry with the same key and body returns the original job; a different "
+                   "body is a 409."}
+FILE_NAME_RULE = (f"The part's file name is required: 1 to {NAME_LENGTH} characters, no control characters or line "
+                  "breaks.")
+
+#: What the url_map cannot tell, by endpoint: parameters, request bodies, the success answer, and the error
+#: statuses beyond those every operation of its kind can give (see `error_statuses`).
 OPERATIONS: dict[str, dict[str, Any]] = {
-    "files.upload_file": {"status": "201", "requestBody": multipart(
-        {"file": BINARY, "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}, ["file", "purpose"])},
-    "files.list_files": {"parameters": [query("purpose", "Only files with this purpose.",
-                                              {"type": "string", "enum": list(FILE_PURPOSES)}), AFTER_ID, LIMIT]},
+    "health.healthz": {"content": json_response("Health")},
+    "health.readyz": {"content": json_response("Readiness"), "responses": {"503": {
+        "description": "The database or the broker is unreachable (checks says which).",
+        "content": json_response("Readiness")}}},
+    "openapi.openapi_json": {"content": {"application/json": {"schema": {"type": "object"}}}},
+    "openapi.docs": {"content": {"text/html": {"schema": {"type": "string"}}}},
+    "files.upload_file": {"status": "201", "content": json_response("File"), "errors": ["413", "415", "507"],
+                          "requestBody": multipart(
+        {"file": {**BINARY, "description": "A train file is UTF-8 text or JSONL with a string `text` on every line; "
+                                           "a generate file is JSONL with `custom_id` and `prompt` on every line. "
+                                           + FILE_NAME_RULE},
+         "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}},
+        ["file", "purpose"], "The file is read whole with the reader its jobs use; a line it refuses is a 400 "
+                             "invalid_file naming the line.")},
+    "files.list_files": {"content": json_response("FileList"), "parameters": [
+        query("purpose", "Only files with this purpose.", {"type": "string", "enum": list(FILE_PURPOSES)}),
+        AFTER_ID, LIMIT]},
+    "files.get_file": {"content": json_response("File")},
+    "files.file_content": {"content": {"application/octet-stream": {"schema": BINARY}}},
+    "files.delete_file": {"content": json_response("FileDeleted")},
     "jobs.submit_job": {
-        "status": "202",
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
-        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {
-            "type": "string", "maxLength": 255}, "description": "A retry with the same key and body returns the "
-                                                                 "original job; a different body is a 409."}],
+        "status": "202", "content": json_response("Job"), "errors": ["413", "415", "422"],
+        "headers": {"Location": {"required": True, "description": "The job's URL: /v1/jobs/<id>.",
+                                 "schema": {"type": "string"}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref("JobRequest")}}},
+        "parameters": [IDEMPOTENCY_KEY],
     },
-    "jobs.list_jobs": {"parameters": [
+    "jobs.list_jobs": {"content": json_response("JobList"), "parameters": [
         query("type", "Only jobs of this type.", {"type": "string", "enum": list(JOB_TYPES)}),
         query("status", "Only jobs in this status.", {"type": "string", "enum": list(STATUSES)}),
         AFTER_ID, LIMIT]},
-    "jobs.list_events": {"parameters": [AFTER_INT, LIMIT]},
-    "jobs.list_results": {"parameters": [AFTER_INT, LIMIT]},
-    "models.list_models": {"parameters": [AFTER_ID, LIMIT]},
-    "models.import_model": {"status": "201", "requestBody": multipart(
-        {"file": BINARY, "name": {"type": "string", "maxLength": 255}}, ["file"])},
+    "jobs.get_job": {"content": json_response("Job")},
+    "jobs.cancel_job": {"content": json_response("Job")},
+    "jobs.list_events": {"content": json_response("EventList"), "parameters": [AFTER_INT, LIMIT]},
+    "jobs.list_checkpoints": {"content": json_response("CheckpointList")},
+    "jobs.list_results": {"content": json_response("ResultList"), "parameters": [AFTER_INT, LIMIT]},
+    "jobs.stream_results": {"content": {"application/x-ndjson": {"schema": {
+        "type": "string", "description": "One Result object (without id) per line, in input order."}}}},
+    "models.list_models": {"content": json_response("ModelList"), "parameters": [AFTER_ID, LIMIT]},
+    "models.get_model": {"content": json_response("Model")},
+    "models.delete_model": {"content": json_response("ModelDeleted")},
+    "models.import_model": {"status": "201", "content": json_response("Model"), "errors": ["413", "415", "507"],
+                            "requestBody": multipart(
+        {"file": {**BINARY, "description": "A .tar, .tar.gz/.tgz or .zip of a Hugging Face format GPT-2 checkpoint: "
+                                           "config.json and model.safetensors or pytorch_model.bin."},
+         "name": {"type": "string", "maxLength": NAME_LENGTH, "pattern": f"^$|{NAME_PATTERN}",
+                  "description": "Default (also when empty): the archive's file name without its suffix."}},
+        ["file"], "The archive is extracted and checked as from_pretrained would load it; one it refuses is a 400 "
+                  "invalid_model naming what is wrong.")},
+    "models.download_model": {"content": {"application/gzip": {"schema": BINARY}}, "errors": ["410"]},
 }
 
 
-def operation(endpoint: str, method: str, summary: str, path_arguments: list[str]) -> dict[str, Any]:
-    extra = OPERATIONS.get(endpoint, {})
+def error_statuses(path: str, method: str, extra: list[str]) -> list[str]:
+    """The error statuses an operation can answer: every /v1 route checks the key (401) and its path and query
+    values (400) and reaches the database (503); a route with an id can miss (404); a write can clash (409)."""
+    if not path.startswith("/v1/"):
+        return []
+    statuses = {"400", "401", "503", *extra}
+    if "{" in path:
+        statuses.add("404")
+    if method in ("post", "delete"):
+        statuses.add("409")
+    return sorted(statuses)
+
+
+def operation(endpoint: str, path: str, method: str, summary: str, path_arguments: list[str]) -> dict[str, Any]:
+    extra = OPERATIONS[endpoint]
+    success: dict[str, Any] = {"description": "Success", "content": extra["content"]}
+    if "headers" in extra:
+        success["headers"] = extra["headers"]
+    responses: dict[str, Any] = {extra.get("status", "200"): success, **extra.get("responses", {})}
+    for status in error_statuses(path, method, extra.get("errors", [])):
+        responses[status] = {"description": ERRORS[status], "content": json_response("Error")}
     spec: dict[str, Any] = {
         "operationId": f"{endpoint}.{method}",
         "summary": summary,
-        "parameters": [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
-                       for arg in path_arguments] + extra.get("parameters", []),
-        "responses": {
-            extra.get("status", "200"): {"description": "Success"},
-            "default": {
-                "description": "Error",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-        },
+        "parameters": [{"name": arg, "in": "path", "required": True, "schema": ID} for arg in path_arguments]
+        + extra.get("parameters", []),
+        "responses": responses,
     }
     if "requestBody" in extra:
         spec["requestBody"] = extra["requestBody"]
     return spec
 
 
-def document() -> dict[str, Any]:
-    components = {"Error": ERROR_SCHEMA}
+def job_request_schemas(max_inline_prompts: int) -> dict[str, Any]:
+    """JobRequest and the schemas it refers to, from jobs.specs, with the limits the server's settings add: a
+    generate job's inline `prompts` hold at most MAX_INLINE_PROMPTS."""
     job_request = TypeAdapter(JobRequest).json_schema(ref_template="#/components/schemas/{model}")
-    components.update(job_request.pop("$defs", {}))
-    components["JobRequest"] = job_request
+    schemas: dict[str, Any] = job_request.pop("$defs", {})
+    schemas["JobRequest"] = job_request
+    prompts = schemas["GenerateSpec"]["properties"]["prompts"]
+    for choice in prompts.get("anyOf", [prompts]):
+        if choice.get("type") == "array":
+            choice["maxItems"] = max_inline_prompts
+    return schemas
+
+
+def document() -> dict[str, Any]:
+    components: dict[str, Any] = dict(RESPONSE_SCHEMAS)
+    components.update(job_request_schemas(current_app.extensions["gpt2jobs"].settings.max_inline_prompts))
     paths: dict[str, Any] = {}
     for rule in current_app.url_map.iter_rules():
         if rule.endpoint == "static":
@@ -106,7 +277,7 @@ def document() -> dict[str, Any]:
         path = rule.rule.replace("<", "{").replace(">", "}")
         summary = (view.__doc__ or rule.endpoint).strip().splitlines()[0]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            spec = operation(rule.endpoint, method.lower(), summary, sorted(rule.arguments))
+            spec = operation(rule.endpoint, path, method.lower(), summary, sorted(rule.arguments))
             if not rule.rule.startswith("/v1/"):
                 spec["security"] = []
             paths.setdefault(path, {})[method.lower()] = spec

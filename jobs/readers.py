@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import json
 import math
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
@@ -43,11 +44,24 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GENERATION_FIELDS = ("custom_id", "prompt", "sampling")
 
 
+def json_number(text: str) -> int | float:
+    """A JSON number written with a fraction or an exponent: an int when its value is whole, as JSON Schema (and
+    so the OpenAPI document) counts 2.0 and 1e3 as integers; else a float. Exact: "0.99999999999999999999" is not
+    whole even though it rounds to the float 1.0. Infinite values stay floats (and are refused as such)."""
+    value = float(text)
+    if math.isfinite(value):
+        exact = Decimal(text)
+        if exact == exact.to_integral_value():
+            return int(exact)
+    return value
+
+
 def parse_json_body(raw: bytes) -> Any:
-    """A JSON request body, read by the rules of the file readers: UTF-8, no key twice in one object. Raises
-    InvalidInput (param "body") saying what is wrong."""
+    """A JSON request body, read by the rules of the file readers: UTF-8, no key twice in one object; a whole
+    number is an integer however it is written (json_number). Raises InvalidInput (param "body") saying what is
+    wrong."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_float=json_number)
     except DuplicateKey as exc:
         raise InvalidInput(f"body: key {exc.key!r} appears twice in one object", param="body") from None
     except UnicodeDecodeError:

@@ -38,16 +38,22 @@ def storable(text: str) -> bool:
     return True
 
 
+#: The characters a name may hold, as a regular expression that Python and JSON Schema (ECMA-262) read alike: no C0
+#: or C1 control characters, no DEL, no line or paragraph separator. The OpenAPI document states it for names.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$"
+_NAME = re.compile(NAME_PATTERN)
+
+
 def check_name(text: str, what: str, max_length: int) -> str | None:
-    """Why `text` cannot be a name/identifier column value (1..max_length characters, no control characters,
-    valid text), or None when it can."""
+    """Why `text` cannot be a name/identifier column value (1..max_length characters of NAME_PATTERN, valid
+    text), or None when it can."""
     if not text:
         return f"{what} must not be empty"
     if len(text) > max_length:
         return f"{what} must be at most {max_length} characters, got {len(text)}"
     if not storable(text):
         return f"{what} must not contain unpaired surrogates"
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in text):
+    if not _NAME.fullmatch(text):
         return f"{what} must not contain control characters or line breaks"
     return None
 

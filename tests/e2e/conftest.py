@@ -78,7 +78,7 @@ class Stack:
             try:
                 if probe.get("/healthz", timeout=2).status_code == 200:
                     return api
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy booting to answer
                 pass
             assert api.proc.poll() is None, api.output()
             api.wait_for("\0", 0.1)
