@@ -246,12 +246,16 @@ def complete_shard(session: Session, job_id: str, index: int, worker_id: str,
     return shards_remaining(session, job_id) == 0
 
 
-def release_shard(session: Session, job_id: str, index: int, worker_id: str) -> bool:
+def release_shard(session: Session, job_id: str, index: int, worker_id: str, *, count_attempt: bool = True) -> bool:
     """Give a running shard back (pending, lease cleared), e.g. when the worker stops for a cancellation.
-    True when released; False, changing nothing, when the shard is not running under this worker (any more)."""
+    `count_attempt=False`: the attempt does not count towards the shard's attempts (its worker stopped on purpose,
+    or lost the database, through no fault of the shard). True when released; False, changing nothing, when the
+    shard is not running under this worker (any more)."""
     shard = _lock_shard(session, job_id, index)
     if shard is None or shard.status != SHARD_RUNNING or shard.lease_owner != worker_id:
         return False
+    if not count_attempt:
+        shard.attempts = max(shard.attempts - 1, 0)
     shard.status = SHARD_PENDING
     _clear_lease(shard)
     shard.updated_at = datetime.now(timezone.utc)

@@ -334,10 +334,10 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
 
 
 def release(rt: Runtime, job_id: str, index: int, reason: str) -> None:
-    """Put the shard back in the pool with an event, if the database answers (else its lease runs out and the
-    sweeper does it)."""
+    """Put the shard back in the pool with an event, not counting this attempt (the shard is not at fault), if the
+    database answers (else its lease runs out and the sweeper does it)."""
     def unit(session) -> None:
-        if shards.release_shard(session, job_id, index, rt.worker_id):
+        if shards.release_shard(session, job_id, index, rt.worker_id, count_attempt=False):
             repository.add_event(session, job_id, f"Shard {index} went back to the pool: {reason}", level="warning",
                                  data={"shard": index, "worker": rt.worker_id})
 

@@ -516,6 +516,9 @@ def test_release_shard_returns_it_to_pending(sessions, owner):
     assert (shard.status, shard.lease_owner, shard.lease_expires_at, shard.attempts) == ("pending", None, None, 1)
     again = claim_shard(sessions, job_id, "w2", at(2))
     assert (again.index, again.attempts) == (0, 2)
+    with session_scope(sessions) as s:  # a worker shutting down: its attempt does not count
+        assert sh.release_shard(s, job_id, 0, "w2", count_attempt=False)
+    assert shard_rows(sessions, job_id)[0].attempts == 1
 
 
 def test_concurrent_shard_claims_never_overlap(sessions, owner):
