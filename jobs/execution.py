@@ -172,8 +172,7 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     transition(job, RUNNING)
     job.attempts += 1
     _set_lease(job, worker_id, lease_seconds, now)
-    verb = "Started" if job.attempts == 1 else "Resumed"
-    add_event(session, job.id, f"{verb} on worker {worker_id} (attempt {job.attempts})",
+    add_event(session, job.id, f"Started on worker {worker_id} (attempt {job.attempts})",
               data={"attempt": job.attempts, "worker": worker_id})
     return job
 

@@ -23,6 +23,7 @@ import base64
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -225,13 +226,14 @@ def message_job_id(raw: bytes | str) -> str | None:
     return None
 
 
-def waiting_job_ids(celery_app: Celery) -> set[str] | None:
-    """The ids of the jobs that have a message waiting in a queue now (not yet taken by a worker), or None when
-    this broker cannot be looked into (then nothing can be said about any job).
+def waiting_job_ids(celery_app: Celery, taken_within: float = 0.0) -> set[str] | None:
+    """The ids of the jobs that have a message waiting in a queue now, or None when this broker cannot be looked
+    into (then nothing can be said about any job).
 
-    Redis: the queues' lists (every priority level). A message a worker has taken but not yet acknowledged is
-    NOT waiting: if that worker died, the message would only come back after the visibility timeout.
-    Filesystem: the message files not yet moved to processed/.
+    Redis: the queues' lists (every priority level), and the messages a worker took less than `taken_within`
+    seconds ago without acknowledging them yet (it is about to claim the job, or puts the message back after a
+    database error). An older unacknowledged message is NOT waiting: if its worker died, it would only come back
+    after the visibility timeout. Filesystem: the message files not yet moved to processed/.
     """
     try:
         with celery_app.connection_for_read() as conn:
@@ -252,6 +254,12 @@ def waiting_job_ids(celery_app: Celery) -> set[str] | None:
                 for queue in QUEUES:
                     for priority in channel.priority_steps:
                         raws += client.lrange(channel._q_for_pri(queue, priority), 0, -1)
+                if taken_within > 0:
+                    tags = client.zrangebyscore(channel.unacked_index_key, time.time() - taken_within, "+inf")
+                    if tags:
+                        # Each value is [message, exchange, routing key] (kombu's redis QoS.append).
+                        raws += [json.dumps(json.loads(value)[0]) for value in
+                                 client.hmget(channel.unacked_key, tags) if value is not None]
             else:
                 return None
     except Exception as exc:  # the broker is away: nothing can be said

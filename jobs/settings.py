@@ -9,6 +9,25 @@ from pathlib import Path
 DEFAULT_VAR = Path("var")
 
 
+#: The most checkpoints a job may keep (the KEEP_CHECKPOINTS setting and hyperparameters.keep_checkpoints alike).
+KEEP_CHECKPOINTS_MAX = 1000
+
+
+def _integer(env: Mapping[str, str], variable: str, default: int, low: int = 1, high: int | None = None) -> int:
+    """The integer setting `variable`, refused at start (ValueError naming it) unless it lies in [low, high]."""
+    raw = env.get(variable)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{variable} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{variable} must be {bound}, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -25,6 +44,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings from `environ` (default os.environ); ValueError naming the variable for a value that
+        cannot take effect (not an integer, zero or negative where a count or a time is meant)."""
         env = os.environ if environ is None else environ
         var = Path(env.get("GPT2JOBS_VAR_DIR", DEFAULT_VAR)).resolve()
         return cls(
@@ -32,34 +53,26 @@ class Settings:
             # kombu's filesystem transport: a broker that needs no server (the embedded default).
             broker_url=env.get("BROKER_URL", "filesystem://"),
             artifact_dir=Path(env.get("ARTIFACT_DIR", var / "artifacts")).resolve(),
-            max_upload_bytes=int(env.get("MAX_UPLOAD_BYTES", 1 << 30)),
-            max_inline_prompts=int(env.get("MAX_INLINE_PROMPTS", 1000)),
+            max_upload_bytes=_integer(env, "MAX_UPLOAD_BYTES", 1 << 30),
+            max_inline_prompts=_integer(env, "MAX_INLINE_PROMPTS", 1000),
             # A worker renews its claim on a job every third of this; a job whose claim lapses (its worker died)
             # is handed to another worker, which resumes it.
-            job_lease_seconds=int(env.get("JOB_LEASE_SECONDS", 60)),
+            job_lease_seconds=_integer(env, "JOB_LEASE_SECONDS", 60),
             # A job whose worker is lost (killed, out of memory, machine gone) this many times fails with
             # "worker_lost" instead of being tried again: a job that kills every worker it runs on ends.
-            job_max_attempts=int(env.get("JOB_MAX_ATTEMPTS", 3)),
+            job_max_attempts=_integer(env, "JOB_MAX_ATTEMPTS", 3),
             # A queued job with no message for it waiting in the broker this long after its last message was
             # sent (the broker restarted empty, a publish never happened, a queue was purged) is sent again.
-            job_redispatch_seconds=int(env.get("JOB_REDISPATCH_SECONDS", 30)),
+            job_redispatch_seconds=_integer(env, "JOB_REDISPATCH_SECONDS", 30),
             # Prompts per unit of bulk-generation work: any worker takes any shard, so more workers finish sooner.
-            generation_shard_size=int(env.get("GENERATION_SHARD_SIZE", 128)),
+            generation_shard_size=_integer(env, "GENERATION_SHARD_SIZE", 128),
             # Models each worker process keeps loaded between generation shards and jobs.
-            model_cache_size=int(env.get("MODEL_CACHE_SIZE", 2)),
+            model_cache_size=_integer(env, "MODEL_CACHE_SIZE", 2),
             # Checkpoints each training job keeps on disk: the last this many (the newest is the one it resumes
             # from) plus the one with the lowest validation loss; older ones are deleted as new ones are written.
             # A job's hyperparameters.keep_checkpoints overrides it.
-            keep_checkpoints=int(env.get("KEEP_CHECKPOINTS", 3)),
+            keep_checkpoints=_integer(env, "KEEP_CHECKPOINTS", 3, high=KEEP_CHECKPOINTS_MAX),
         )
-
-    def __post_init__(self) -> None:
-        for field, variable in (("job_lease_seconds", "JOB_LEASE_SECONDS"), ("job_max_attempts", "JOB_MAX_ATTEMPTS"),
-                                ("job_redispatch_seconds", "JOB_REDISPATCH_SECONDS")):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{variable} must be a positive integer, got {getattr(self, field)}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"KEEP_CHECKPOINTS must be a positive integer, got {self.keep_checkpoints}")
 
     @property
     def broker_folder(self) -> Path:

@@ -27,6 +27,7 @@ from pydantic import (
 from gpt2core.config import GPT2_VOCAB_SIZE  # torch-free: the tokenizer's vocabulary
 from jobs.errors import InvalidInput
 from jobs.models import ID_LENGTH, Job
+from jobs.settings import KEEP_CHECKPOINTS_MAX
 
 #: GPT-2's released shapes: the names of gpt2core.config.PRESETS (a test keeps them equal).
 PresetName = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
@@ -103,7 +104,7 @@ class Hyperparameters(Strict):
     checkpoint_every: int = Field(default=500, ge=0, le=1_000_000, description="Steps between checkpoints; 0: "
                                   "only the final model.")
     sample_every: int = Field(default=0, ge=0, le=1_000_000, description="Steps between sample events; 0: never.")
-    keep_checkpoints: int | None = Field(default=None, ge=1, le=1000, description="Checkpoints kept on disk: "
+    keep_checkpoints: int | None = Field(default=None, ge=1, le=KEEP_CHECKPOINTS_MAX, description="Checkpoints kept on disk: "
                                          "the last this many (the newest is the one the job resumes from) plus the "
                                          "one with the lowest validation loss. Default: the server's "
                                          "KEEP_CHECKPOINTS (3 unless configured), filled in at submission.")

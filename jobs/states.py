@@ -1,7 +1,8 @@
 """The job state machine.
 
 queued -> running | cancelled
-running -> succeeded | failed | cancelling | queued   (queued: the broker redelivered a job whose worker died)
+running -> succeeded | failed | cancelling | queued   (queued: its worker died, shut down or lost the database;
+                                                       the job waits for the next worker and resumes)
 cancelling -> cancelled | succeeded | failed          (the worker may finish before it notices the cancel)
 """
 from __future__ import annotations

@@ -239,11 +239,13 @@ def run_generation(rt: Runtime, job_id: str) -> None:
     with LeaseKeeper(rt, renew, f"job {job_id}"):
         try:
             items = load_items(job, input_file)
-            with rt.transaction() as session:
+            def plan(session) -> int:
                 if job.attempts == 1:
                     for message in line_warnings(items):
                         repository.add_event(session, job_id, message, level="warning")
-                planned = shards.plan_shards(session, job_id, len(items), rt.settings.generation_shard_size)
+                return shards.plan_shards(session, job_id, len(items), rt.settings.generation_shard_size)
+
+            planned = rt.persist(plan)
             for _ in range(min(planned - 1, MAX_FANOUT)):
                 enqueue(rt.celery, "generate", job_id)
             log.info("job %s: %d prompts in %d shards", job_id, len(items), planned)
@@ -284,24 +286,28 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
     while True:
         if SHUTTING_DOWN.is_set():
             raise ShuttingDown()
-        with rt.transaction() as session:
+
+        def take(session) -> tuple[tuple[int, int, int, int] | None, bool]:
+            """(index, start, stop, attempts) of the shard claimed, or None; and whether the job is over."""
             shard = shards.claim_shard(session, job.id, rt.worker_id, lease_seconds)
-            span = None if shard is None else (shard.index, shard.start, shard.stop)
-            attempts = 0 if shard is None else shard.attempts
-            if span is None:
-                status = session.get(Job, job.id).status
-                remaining = shards.shards_remaining(session, job.id)
-                if status != RUNNING or remaining == 0:
-                    finished = shards.finish_generation(session, job.id)
-                    if finished is not None:
-                        log.info("job %s: %s", job.id, finished.status)
-                    return
-        if span is None:
+            if shard is not None:
+                return (shard.index, shard.start, shard.stop, shard.attempts), False
+            if session.get(Job, job.id).status != RUNNING or shards.shards_remaining(session, job.id) == 0:
+                finished = shards.finish_generation(session, job.id)
+                if finished is not None:
+                    log.info("job %s: %s", job.id, finished.status)
+                return None, True
+            return None, False
+
+        claimed, over = rt.persist(take)
+        if over:
+            return
+        if claimed is None:
             if not stay:
                 return
             time.sleep(IDLE_POLL_SECONDS)
             continue
-        index, start, stop = span
+        index, start, stop, attempts = claimed
         if model_row is None:
             raise JobFailure("model_not_found", "The job's model was deleted before the job ran.", "model")
 
@@ -311,10 +317,10 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
         try:
             items = items if items is not None else load_items(job, input_file)
             model = model or MODELS.get(model_row, rt.settings.model_cache_size)
-            with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):
+            with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):  # also while it waits for the database
                 results = generate_items(model, job.id, items[start:stop], SHUTTING_DOWN.is_set)
-            rt.persist(lambda session, index=index, results=results: shards.complete_shard(
-                session, job.id, index, rt.worker_id, results))
+                rt.persist(lambda session, index=index, results=results: shards.complete_shard(
+                    session, job.id, index, rt.worker_id, results))
         except Exception as exc:
             if isinstance(exc, ShuttingDown) or is_infrastructure_error(exc):
                 release(rt, job.id, index, "this worker is shutting down" if isinstance(exc, ShuttingDown)

@@ -41,26 +41,38 @@ class JobReporter(TrainerCallback):
         self.unreachable_since: float | None = None
         self.dropped = 0
 
+    def store(self, session: Session, progress: dict[str, Any] | None = None) -> int:
+        """Write, in `session`, what is pending, and `progress` (which renews the lease), with an event saying how
+        long the database was away if it was; returns how many pending writes that was. LeaseLost as
+        execution.update_progress."""
+        units = len(self.pending)
+        if self.unreachable_since is not None:
+            seconds = time.monotonic() - self.unreachable_since
+            dropped = f"; {self.dropped} older ones were dropped" if self.dropped else ""
+            repository.add_event(
+                session, self.job_id, f"The database could not be reached for {seconds:.0f} s; training went "
+                f"on, and the {units} writes of that time are stored now{dropped}", level="warning",
+                data={"seconds": round(seconds, 1), "writes": units, "dropped": self.dropped})
+        for unit in self.pending[:units]:
+            unit(session)
+        if progress is not None:
+            self.lease.observe(execution.update_progress(
+                session, self.job_id, self.rt.worker_id, progress, self.rt.settings.job_lease_seconds))
+        return units
+
+    def stored(self, units: int) -> None:
+        """The transaction that stored `units` pending writes committed."""
+        del self.pending[:units]
+        self.unreachable_since, self.dropped = None, 0
+
     def flush(self, progress: dict[str, Any] | None = None) -> bool:
-        """Write what is pending (and `progress`, which renews the lease) in one transaction; False when the
-        database cannot be reached (all is kept for the next try). LeaseLost marks the lease lost."""
+        """Write what is pending (and `progress`) in one transaction now; False when the database cannot be
+        reached (all is kept for the next try). LeaseLost marks the lease lost."""
         if self.lease.lost or (not self.pending and progress is None):
             return True
-        units = list(self.pending)
         try:
             with self.rt.transaction() as session:
-                if self.unreachable_since is not None:
-                    seconds = time.monotonic() - self.unreachable_since
-                    dropped = f"; {self.dropped} older ones were dropped" if self.dropped else ""
-                    repository.add_event(
-                        session, self.job_id, f"The database could not be reached for {seconds:.0f} s; training went "
-                        f"on, and the {len(units)} writes of that time are stored now{dropped}", level="warning",
-                        data={"seconds": round(seconds, 1), "writes": len(units), "dropped": self.dropped})
-                for unit in units:
-                    unit(session)
-                if progress is not None:
-                    self.lease.observe(execution.update_progress(
-                        session, self.job_id, self.rt.worker_id, progress, self.rt.settings.job_lease_seconds))
+                units = self.store(session, progress)
         except execution.LeaseLost:
             self.lease.lost = True
             return True
@@ -72,8 +84,7 @@ class JobReporter(TrainerCallback):
                 log.warning("job %s: database unreachable (%s); training goes on, writes are kept", self.job_id,
                             type(exc).__name__)
             return False
-        del self.pending[:len(units)]
-        self.unreachable_since, self.dropped = None, 0
+        self.stored(units)
         return True
 
     def write(self, unit: Callable[[Session], object]) -> None:

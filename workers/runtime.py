@@ -32,6 +32,9 @@ T = TypeVar("T")
 #: training writes a checkpoint and hands its job back, generation gives its shard back (workers.app sets it).
 SHUTTING_DOWN = threading.Event()
 
+#: How long a worker holding a job waits for an unreachable database before it gives the job up.
+OUTAGE_PATIENCE_SECONDS = 3600.0
+
 #: Ids of the jobs this process is running now (claim_job's resume_own: a job not among them whose lease this
 #: process still holds is left over from a delivery that an infrastructure error interrupted).
 ACTIVE_JOBS: set[str] = set()
@@ -78,11 +81,12 @@ class Runtime:
             return unit(session)
 
 
-    def persist(self, unit: Callable[[Session], T], patience: float | None = None) -> T:
-        """Run `unit` in a transaction, retrying with backoff while the database cannot be reached, for up to
-        `patience` seconds (default: one lease, during which this worker's lease still protects its job): for
-        writes that must not be lost to a database blip, like the end of a job. Raises the last error after."""
-        deadline = time.monotonic() + (self.settings.job_lease_seconds if patience is None else patience)
+    def persist(self, unit: Callable[[Session], T], patience: float = OUTAGE_PATIENCE_SECONDS) -> T:
+        """Run `unit` in a transaction, retrying with backoff (up to 10 s apart) while the database cannot be
+        reached, for up to `patience` seconds; then the last error is raised. A worker holding a job rides out a
+        database outage this way instead of giving the job up: its LeaseKeeper renews the lease as soon as the
+        database answers, before any sweeper judges it (they wait a lease after an outage: workers.sweeper)."""
+        deadline = time.monotonic() + patience
         pause = 0.5
         while True:
             try:
@@ -93,7 +97,7 @@ class Runtime:
                     raise
                 log.warning("database unreachable (%s); retrying in %.1f s", type(exc).__name__, pause)
                 time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+                pause = min(pause * 2, 10.0)
 
 
 _runtime: Runtime | None = None
@@ -170,8 +174,11 @@ class LeaseKeeper:
         while not self._stop.wait(interval):
             try:
                 self.check()
-            except Exception:  # a database hiccup: the next renewal tries again before the lease runs out
-                log.exception("%s: lease renewal failed", self.what)
+            except Exception as exc:  # a database hiccup: the next renewal tries again before the lease runs out
+                if is_infrastructure_error(exc):
+                    log.warning("%s: lease renewal failed (%s); trying again", self.what, type(exc).__name__)
+                else:
+                    log.exception("%s: lease renewal failed", self.what)
 
 
 class JobFailure(Exception):

@@ -4,14 +4,17 @@ jobs whose worker died go back to the queue (or fail after JOB_MAX_ATTEMPTS lost
 died go back to the pool, and queued jobs with no message waiting in the broker get one. Every
 workers.cleanup.INTERVAL_SECONDS it also removes artifacts nothing refers to (workers.cleanup).
 
-After a pass that could not reach the database, lost-worker recovery waits one lease before it runs again:
-during the outage no worker could renew its lease, and those workers are most likely alive.
+After a pass that could not reach the database, the next pass waits until the database has answered for one
+lease: during the outage no worker could renew its lease or claim the job whose message it holds, and those
+workers are most likely alive and about to.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+
+from sqlalchemy import text
 from dataclasses import dataclass, field
 
 from jobs import recovery
@@ -34,32 +37,32 @@ class Sweep:
     dispatched: list[str] = field(default_factory=list)
 
 
-def sweep(rt: Runtime, recover_leases: bool = True) -> Sweep:
+def sweep(rt: Runtime) -> Sweep:
     """One recovery pass (see the module docstring); database errors propagate, a broker error ends the dispatch
     step until the next pass."""
     settings = rt.settings
     done = Sweep()
-    if recover_leases:
+    with rt.transaction() as session:
+        lost = recovery.lost_jobs(session)
+    for job_id in lost:
         with rt.transaction() as session:
-            lost = recovery.lost_jobs(session)
-        for job_id in lost:
-            with rt.transaction() as session:
-                if recovery.recover_lost_job(session, job_id, settings.job_max_attempts):
-                    done.requeued.append(job_id)
-            log.warning("job %s: its worker stopped renewing the lease", job_id)
+            if recovery.recover_lost_job(session, job_id, settings.job_max_attempts):
+                done.requeued.append(job_id)
+        log.warning("job %s: its worker stopped renewing the lease", job_id)
+    with rt.transaction() as session:
+        shards = recovery.lost_shards(session)
+    for job_id, index in shards:
         with rt.transaction() as session:
-            shards = recovery.lost_shards(session)
-        for job_id, index in shards:
-            with rt.transaction() as session:
-                if recovery.recover_lost_shard(session, job_id, index, settings.job_max_attempts):
-                    done.shards.append((job_id, index))
-            log.warning("job %s: shard %d's worker stopped renewing its lease", job_id, index)
+            if recovery.recover_lost_shard(session, job_id, index, settings.job_max_attempts):
+                done.shards.append((job_id, index))
+        log.warning("job %s: shard %d's worker stopped renewing its lease", job_id, index)
 
     with rt.transaction() as session:
         due = recovery.jobs_to_dispatch(session, settings.job_redispatch_seconds)
     if not due:
         return done
-    waiting = waiting_job_ids(rt.celery)
+    # A message a worker took within the last lease counts as waiting: it claims the job, or puts the message back.
+    waiting = waiting_job_ids(rt.celery, taken_within=settings.job_lease_seconds)
     for job_id, job_type in due:
         if waiting is not None and job_id in waiting:
             continue  # its message waits for a free worker: one is enough
@@ -88,17 +91,26 @@ def start_sweeper(rt: Runtime) -> threading.Event:
     """Run sweep() on a daemon thread now and every half lease until the returned event is set."""
     stop = threading.Event()
     interval = rt.settings.job_lease_seconds / 2
+    grace = rt.settings.job_lease_seconds
 
     def loop() -> None:
-        last_failure = float("-inf")
+        back_since: float | None = time.monotonic() - grace  # when the database last started answering
         next_collection = time.monotonic() + cleanup.INTERVAL_SECONDS / 10  # not while the worker starts up
         while True:
-            recover_leases = time.monotonic() - last_failure > rt.settings.job_lease_seconds
-            try:
-                sweep(rt, recover_leases=recover_leases)
-            except Exception:  # the database is away: try again next round
-                last_failure = time.monotonic()
-                log.warning("sweep failed; trying again in %.0f s", interval, exc_info=True)
+            if back_since is not None and time.monotonic() - back_since >= grace:
+                try:
+                    sweep(rt)
+                except Exception as exc:  # the database is away: wait until it has answered for a lease
+                    back_since = None
+                    log.warning("sweep failed (%s); trying again when the database has answered for %d s",
+                                type(exc).__name__, rt.settings.job_lease_seconds)
+            else:
+                try:  # is it back? (the wait for a lease starts at the first answer)
+                    with rt.transaction() as session:
+                        session.execute(text("SELECT 1"))
+                    back_since = back_since or time.monotonic()
+                except Exception:
+                    back_since = None
             if time.monotonic() >= next_collection:
                 next_collection = time.monotonic() + cleanup.INTERVAL_SECONDS
                 try:

@@ -22,7 +22,7 @@ from workers.runtime import ACTIVE_JOBS, Runtime, is_infrastructure_error, runti
 log = logging.getLogger("workers")
 
 #: Seconds a worker waits, after the database or broker failed a delivery, before putting its message back.
-INFRASTRUCTURE_PAUSE = 3.0
+INFRASTRUCTURE_PAUSE = 2.0
 
 
 def deliver(run: Callable[[Runtime, str], None], job_id: str) -> None:

@@ -47,11 +47,10 @@ def build_model(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[GPT2, str]:
     """The model to train and the base of its name: a preset or shape from scratch (initial weights drawn from
     the job's seed), or a registered model."""
     if isinstance(spec, FinetuneSpec):
-        with rt.transaction() as session:
-            base = session.get(Model, job.base_model_id) if job.base_model_id else None
-            if base is None or not Path(base.storage_path, "config.json").is_file():
-                raise JobFailure("model_not_found", f"The base model {spec.model!r} no longer exists.", "model")
-            return GPT2.from_pretrained(base.storage_path), base.name
+        base = rt.persist(lambda session: session.get(Model, job.base_model_id)) if job.base_model_id else None
+        if base is None or not Path(base.storage_path, "config.json").is_file():
+            raise JobFailure("model_not_found", f"The base model {spec.model!r} no longer exists.", "model")
+        return GPT2.from_pretrained(base.storage_path), base.name
     assert spec.seed is not None  # drawn at submission
     name = spec.model if isinstance(spec.model, str) else spec.model.name
     return new_model(model_config(spec.model), spec.seed), name
@@ -65,10 +64,10 @@ def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_nam
     the model's folder unless a model row refers to it."""
     model_id = execution.model_id_for_job(job.id)
     final = rt.artifacts.model_dir(model_id)
-    with rt.transaction() as session:
-        existing = session.get(Model, model_id)
-        if existing is not None and Path(existing.storage_path, "config.json").is_file():
-            return existing.id
+    # The database reads and writes below wait out an outage (rt.persist) while this worker's lease is renewed.
+    existing = rt.persist(lambda session: session.get(Model, model_id))
+    if existing is not None and Path(existing.storage_path, "config.json").is_file():
+        return existing.id
     staging = final.with_name(f".{model_id}.partial")
     try:
         shutil.rmtree(staging, ignore_errors=True)
@@ -76,10 +75,8 @@ def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_nam
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         config = json.loads((final / "config.json").read_text())  # as for imported models: Hugging Face's config
-        with rt.transaction() as session:
-            registered = execution.register_job_model(
-                session, job.id, spec.model_name(base_name, job.id), str(final), config, model.num_parameters())
-            return registered.id
+        return rt.persist(lambda session: execution.register_job_model(
+            session, job.id, spec.model_name(base_name, job.id), str(final), config, model.num_parameters()).id)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if not model_registered(rt, model_id):
@@ -152,9 +149,8 @@ def run_training(rt: Runtime, job_id: str) -> None:
             return
 
         def end(session: Session) -> bool:
-            if reporter is not None:
-                for unit in reporter.pending:
-                    unit(session)
+            if reporter is not None:  # what the run could not write during a database outage, and its last progress
+                reporter.store(session, reporter.progress if reporter.progress.get("step") else None)
             if status == QUEUED:
                 assert result is not None
                 return execution.hand_back(session, job_id, rt.worker_id, f"Worker {rt.worker_id} stopped: "

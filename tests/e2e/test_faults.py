@@ -154,10 +154,12 @@ def test_workers_started_while_postgres_is_down_run_every_queued_job(tmp_path, p
     for job_id in queued:
         job, _ = finished(api, job_id, timeout=240)
         assert job["attempts"] == 1
+        # The messages the worker was putting back were never joined by second ones.
+        assert not any(m.startswith("Sent to the queue again") for m in events_of(api, job_id)), events_of(api, job_id)
 
 
 def test_postgres_down_20_s_while_clients_submit_and_a_job_trains(tmp_path, private_postgres, redis_url, redis_client, launch):
-    platform = stack(launch, tmp_path, private_postgres.url, redis_url)
+    platform = stack(launch, tmp_path, private_postgres.url, redis_url, JOB_MAX_ATTEMPTS="1")
     platform.migrate()
     platform.start_api()
     platform.start_worker("trainer", queues="train")
@@ -165,7 +167,8 @@ def test_postgres_down_20_s_while_clients_submit_and_a_job_trains(tmp_path, priv
     api = platform.client("dee")
     file_id = upload(api, tmp_path)
     model = finished(api, submit(api, train_body(file_id, 5))["id"])[0]["result"]["model"]
-    training = submit(api, train_body(file_id, 400, checkpoint_every=100, eval_every=100))
+    # An outage far longer than the lease (4 s), with JOB_MAX_ATTEMPTS 1: taken for a lost worker, it would fail.
+    training = submit(api, train_body(file_id, 400, checkpoint_every=100, eval_every=100, keep_checkpoints=10))
     wait_for(api, training["id"], lambda j: j["status"] == "running")
 
     acknowledged: list[str] = []
@@ -217,7 +220,12 @@ def test_postgres_down_20_s_while_clients_submit_and_a_job_trains(tmp_path, priv
     for job_id in acknowledged:
         finished(api, job_id, timeout=300)
     done, _ = finished(api, training["id"], timeout=300)
-    assert done["progress"]["step"] == 400 and done["progress"]["total_steps"] == 400
+    assert done["progress"]["step"] == 400 and done["progress"]["total_steps"] == 400 and done["attempts"] == 1
+    messages = events_of(api, training["id"])
+    assert any(m.startswith("The database could not be reached for") for m in messages), messages
+    assert not any("ended without a word" in m for m in messages)
+    checkpoints = api.get(f"/v1/jobs/{training['id']}/checkpoints").json()["data"]
+    assert [c["step"] for c in checkpoints] == [100, 200, 300, 400]  # none recorded during the outage is lost
 
 
 # Workers

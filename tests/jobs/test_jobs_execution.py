@@ -112,7 +112,7 @@ def test_an_expired_lease_is_taken_over(sessions, owner):
     lost, resumed = events(sessions, job_id)[-2:]
     assert lost.level == "warning" and lost.message.startswith("Attempt 1 ended without a word from worker w1")
     assert lost.data == {"attempt": 1, "worker": "w1", "workers_lost": 1}
-    assert (resumed.message, resumed.data) == ("Resumed on worker w2 (attempt 2)", {"attempt": 2, "worker": "w2"})
+    assert (resumed.message, resumed.data) == ("Started on worker w2 (attempt 2)", {"attempt": 2, "worker": "w2"})
     # The old worker has lost the job: everything it tries now fails and changes nothing.
     with session_scope(sessions) as s:
         with pytest.raises(ex.LeaseLost) as raised:
@@ -158,7 +158,7 @@ def test_hand_back_queues_the_job_for_another_worker(sessions, owner):
             ex.hand_back(s, job_id, "w1", "again")
     job = claim(sessions, job_id, "w2", at(6))
     assert (job.status, job.attempts) == ("running", 2)
-    assert events(sessions, job_id)[-1].message == "Resumed on worker w2 (attempt 2)"
+    assert events(sessions, job_id)[-1].message == "Started on worker w2 (attempt 2)"
     with session_scope(sessions) as s:  # a cancelling job handed back is cancelled
         repo.cancel_job(s, owner, job_id)
         assert not ex.hand_back(s, job_id, "w2", "stopping")
