@@ -171,3 +171,16 @@ def test_waiting_job_ids_is_none_when_the_broker_is_away(tmp_path):
 
 def test_a_broker_connection_loss_does_not_cancel_running_tasks(redis_settings):
     assert celery_config(redis_settings)["worker_cancel_long_running_tasks_on_connection_loss"] is False
+
+
+def test_a_message_a_worker_just_took_counts_as_waiting_for_a_while(redis_settings, redis_client):
+    app = make_celery(redis_settings)
+    enqueue(app, "train", "job-taken")
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("train")
+        message = queue.get(timeout=5)  # taken, not acknowledged: what a worker holds until its task ends
+        assert waiting_job_ids(app) == set()  # not in the queue any more
+        assert waiting_job_ids(app, taken_within=60) == {"job-taken"}  # ... but taken moments ago
+        message.ack()
+        assert waiting_job_ids(app, taken_within=60) == set()
+        queue.close()
