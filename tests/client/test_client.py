@@ -1,5 +1,5 @@
 """gpt2jobs_client against real processes: gunicorn and a celery worker on the embedded default (SQLite and the
-filesystem broker), started once for the module."""
+filesystem broker), started once for the module (tests/client/conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,7 @@ import pytest
 from demo.local import free_port
 from gpt2jobs_client import (APIConnectionError, APIError, Checkpoint, Client, ConflictError, Event, File, GenerationResult,
                              Job, Model, NotFoundError, UnprocessableEntityError)
-from tests.conftest import ServiceProcess, service_env, venv_command
-from tests.e2e.conftest import LEASE_SECONDS, Stack, corpus_file
+from tests.e2e.conftest import Stack, corpus_file
 
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
 
@@ -29,29 +28,6 @@ def cancel(client: Client, job_id: str) -> None:
         client.jobs.cancel(job_id)
     except ConflictError:
         pass
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    started: list[ServiceProcess] = []
-
-    def launch(argv: list[str], overrides: dict[str, str], name: str) -> ServiceProcess:
-        started.append(ServiceProcess(venv_command(argv), service_env(overrides), name))
-        return started[-1]
-
-    var = tmp_path_factory.mktemp("client") / "var"
-    platform = Stack(launch, {"GPT2JOBS_VAR_DIR": str(var), "JOB_LEASE_SECONDS": LEASE_SECONDS})
-    try:
-        platform.migrate()
-        platform.start_api()
-        platform.start_worker("w1")
-        yield platform
-    finally:
-        for process in started:
-            process.stop()
-        for process in started:
-            if process.proc.returncode not in (0, None, -15):
-                print(f"----- {process.name} (exit {process.proc.returncode}) -----\n{process.output()[-20000:]}")
 
 
 @pytest.fixture

@@ -1,0 +1,111 @@
+"""`gpt2jobs`: the command line on gpt2jobs_client (click, and rich for the live progress bar).
+
+    gpt2jobs files upload corpus.txt --purpose train
+    gpt2jobs jobs create train --training-file file-... --max-steps 2000 --wait
+    gpt2jobs jobs list --json
+
+Exit codes: 0 success (a waited-for job succeeded); 1 an API error, or a job that failed; 2 no answer from the API
+(or a bad command line); 3 a job that was cancelled.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+
+from ..client import Client
+from ..errors import APIConnectionError, APIError
+
+EXIT_OK, EXIT_FAILED, EXIT_NO_ANSWER, EXIT_CANCELLED = 0, 1, 2, 3
+
+EPILOG = """\b
+Exit codes:
+  0  success (with --wait or watch: the job succeeded)
+  1  the API answered with an error (its message is printed), or the job failed
+  2  no answer from the API (or a bad command line)
+  3  the job was cancelled"""
+
+
+class State:
+    """What the global options chose; the Client is made on first use."""
+
+    def __init__(self, api_url: str | None, api_key: str | None, progress: bool):
+        self.api_url, self.api_key, self.progress = api_url, api_key, progress
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.api_url, self.api_key)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class Group(click.Group):
+    """A group whose commands' API errors become a message on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except APIError as error:
+            where = f" (param: {error.param})" if error.param else ""
+            click.echo(f"error: {error.message}{where} [{error.status} {error.code}]", err=True)
+            ctx.exit(EXIT_FAILED)
+        except APIConnectionError as error:
+            click.echo(f"error: no answer from the API: {error}", err=True)
+            ctx.exit(EXIT_NO_ANSWER)
+
+
+def json_option(function: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print the API's JSON object (a JSON line per item for lists).")(function)
+
+
+def state(ctx: click.Context) -> State:
+    return ctx.ensure_object(State)
+
+
+def emit(raw: dict[str, Any]) -> None:
+    click.echo(json.dumps(raw))
+
+
+def emit_all(raws: Iterable[dict[str, Any]]) -> None:
+    for raw in raws:
+        emit(raw)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Left-aligned columns, as wide as their widest cell."""
+    cells = [[str(h).upper() for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def fields(raw: dict[str, Any], skip: Sequence[str] = ("object",)) -> None:
+    """One `key: value` line per field (JSON for nested values)."""
+    for key, value in raw.items():
+        if key not in skip:
+            click.echo(f"{key}: {value if isinstance(value, (str, int, float)) else json.dumps(value)}")
+
+
+@click.group(cls=Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--api-url", envvar="GPT2JOBS_API_URL", help="The API's base URL (default $GPT2JOBS_API_URL, else http://127.0.0.1:8000).")
+@click.option("--api-key", envvar="GPT2JOBS_API_KEY", help="The API key (default $GPT2JOBS_API_KEY).")
+@click.option("--no-progress", is_flag=True, help="Print a line per progress change instead of a live progress bar.")
+@click.pass_context
+def cli(ctx: click.Context, api_url: str | None, api_key: str | None, no_progress: bool) -> None:
+    """Train, fine-tune and generate with GPT-2 models on a gpt2-jobs API."""
+    ctx.obj = State(api_url, api_key, progress=not no_progress)
+    ctx.call_on_close(ctx.obj.close)
+
+
+def main() -> None:
+    cli(prog_name="gpt2jobs")
+
+
+from . import files_models, jobs  # noqa: E402, F401  (registers the commands on `cli`)

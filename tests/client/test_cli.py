@@ -1,0 +1,123 @@
+"""The `gpt2jobs` console script, run as a subprocess against a real stack (tests/client/conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from demo.local import free_port
+from tests.e2e.conftest import Stack, corpus_file
+
+GPT2JOBS = Path(sys.executable).parent / "gpt2jobs"
+TINY_MODEL = json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32})
+
+
+@pytest.fixture(scope="module")
+def env(stack: Stack) -> dict[str, str]:
+    assert stack.api_url is not None
+    return {**os.environ, "GPT2JOBS_API_URL": stack.api_url, "GPT2JOBS_API_KEY": stack.create_key("cli"), "NO_COLOR": "1"}
+
+
+def gpt2jobs(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(GPT2JOBS), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(env: dict[str, str], *args: str) -> str:
+    done = gpt2jobs(env, *args)
+    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def upload(env: dict[str, str], path: Path) -> str:
+    uploaded = json.loads(ok(env, "files", "upload", str(path), "--purpose", "train", "--json"))
+    assert uploaded["object"] == "file" and uploaded["purpose"] == "train" and uploaded["filename"] == path.name
+    return uploaded["id"]
+
+
+def test_train_wait_generate_results_and_lists(env: dict[str, str], tmp_path: Path):
+    file_id = upload(env, corpus_file(tmp_path))
+    assert file_id in ok(env, "files", "list")
+
+    train = gpt2jobs(env, "jobs", "create", "train", "--training-file", file_id, "--model", TINY_MODEL,
+                     "--max-steps", "10", "--batch-size", "4", "--seed", "7", "--wait")
+    assert train.returncode == 0, train.stderr
+    assert "step 10/10" in train.stderr and " loss " in train.stderr and " succeeded: model model-" in train.stderr
+    train_id = train.stdout.split()[0]
+    train_job = json.loads(ok(env, "jobs", "get", train_id, "--json"))
+    assert train_job["status"] == "succeeded" and train_job["hyperparameters"]["batch_size"] == 4
+    model_id = train_job["result"]["model"]
+    assert [m["id"] for m in lines(ok(env, "models", "list", "--json"))] == [model_id]
+
+    generated = gpt2jobs(env, "jobs", "create", "generate", "--model", model_id, "--prompt", "A", "--prompt", "B",
+                         "--max-new-tokens", "4", "--wait", "--json")
+    assert generated.returncode == 0, generated.stderr
+    job = json.loads(generated.stdout)  # exactly the finished job's JSON
+    assert job["object"] == "job" and job["status"] == "succeeded" and job["progress"]["total"] == 2
+    assert "prompts 2/2" in generated.stderr
+
+    out = tmp_path / "results.jsonl"
+    ok(env, "jobs", "results", job["id"], "-o", str(out))
+    results = lines(out.read_text())
+    assert [(r["index"], r["prompt"]) for r in results] == [(0, "A"), (1, "B")] and all(r["completions"] for r in results)
+
+    listed = lines(ok(env, "jobs", "list", "--json"))
+    assert [j["id"] for j in listed] == [job["id"], train_id] and all(j["object"] == "job" for j in listed)
+    assert [j["id"] for j in lines(ok(env, "jobs", "list", "--type", "generate", "--json"))] == [job["id"]]
+    events = lines(ok(env, "jobs", "events", train_id, "--json"))
+    assert events and all(e["object"] == "job.event" for e in events)
+
+
+def test_errors_print_the_api_message_and_exit_non_zero(env: dict[str, str]):
+    missing = gpt2jobs(env, "jobs", "get", "job-doesnotexist")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.startswith("error: ") and "job-doesnotexist" in missing.stderr and "404 not_found" in missing.stderr
+
+    invalid = gpt2jobs(env, "jobs", "create", "train", "--training-file", "file-x", "--max-steps", "1", "--json")
+    assert invalid.returncode == 1 and "training_file" in invalid.stderr
+
+    both = gpt2jobs(env, "jobs", "create", "train", "--training-file", "file-x", "--max-steps", "1", "--epochs", "1")
+    assert both.returncode == 2 and "mutually exclusive" in both.stderr
+
+    nowhere = gpt2jobs({**env, "GPT2JOBS_API_URL": f"http://127.0.0.1:{free_port()}"}, "files", "list")
+    assert nowhere.returncode == 2 and "no answer from the API" in nowhere.stderr
+
+
+def test_watch_a_failed_job_exits_1_with_its_error(env: dict[str, str], stack: Stack, tmp_path: Path):
+    trained = lines(ok(env, "models", "list", "--json"))[-1]["id"]  # the first test's model
+    archive = Path(ok(env, "models", "download", trained, "-o", str(tmp_path)).strip())
+    copy = json.loads(ok(env, "models", "import", str(archive), "--name", "doomed", "--json"))
+    assert copy["name"] == "doomed" and copy["source"] == "import"
+    # Its weights vanish from the server's disk: the worker cannot load the model and fails the job.
+    for config in Path(stack.environment["GPT2JOBS_VAR_DIR"]).rglob("config.json"):
+        if copy["id"] in str(config):
+            config.unlink()
+    job_id = ok(env, "jobs", "create", "generate", "--model", copy["id"], "--prompt", "A", "--max-new-tokens", "4").split()[0]
+    watched = gpt2jobs(env, "jobs", "watch", job_id)
+    assert watched.returncode == 1, watched.stderr
+    error = json.loads(ok(env, "jobs", "get", job_id, "--json"))["error"]
+    assert error["code"] == "model_not_found"
+    assert f"error: job {job_id} failed: model_not_found: {error['message']}" in watched.stderr
+    assert json.loads(ok(env, "models", "delete", copy["id"], "--json"))["deleted"] is True
+
+
+def test_cancel_a_running_job_then_watch_exits_3(env: dict[str, str], tmp_path: Path):
+    file_id = upload(env, corpus_file(tmp_path))
+    job_id = ok(env, "jobs", "create", "train", "--training-file", file_id, "--model", TINY_MODEL,
+                "--max-steps", "100000", "--batch-size", "1").split()[0]
+    deadline = time.monotonic() + 60
+    while json.loads(ok(env, "jobs", "get", job_id, "--json"))["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    cancelled = json.loads(ok(env, "jobs", "cancel", job_id, "--json"))
+    assert cancelled["id"] == job_id and cancelled["status"] in ("cancelling", "cancelled")
+    watched = gpt2jobs(env, "jobs", "watch", job_id, "--json")
+    assert watched.returncode == 3, watched.stderr
+    assert json.loads(watched.stdout)["status"] == "cancelled" and f"{job_id} cancelled" in watched.stderr
