@@ -43,6 +43,23 @@ def upload(env: dict[str, str], path: Path) -> str:
     return uploaded["id"]
 
 
+def tiny_model_archive(folder: Path) -> Path:
+    """A .tar.gz of a small random GPT-2 in Hugging Face format, as `models import` takes."""
+    import tarfile
+
+    import torch
+
+    from gpt2core import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    GPT2(GPT2Config(**json.loads(TINY_MODEL))).save_pretrained(folder / "tiny")
+    archive = folder / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted((folder / "tiny").iterdir()):
+            tar.add(path, arcname=path.name)
+    return archive
+
+
 def test_train_wait_generate_results_and_lists(env: dict[str, str], tmp_path: Path):
     file_id = upload(env, corpus_file(tmp_path))
     assert file_id in ok(env, "files", "list")
@@ -92,8 +109,7 @@ def test_errors_print_the_api_message_and_exit_non_zero(env: dict[str, str]):
 
 
 def test_watch_a_failed_job_exits_1_with_its_error(env: dict[str, str], stack: Stack, tmp_path: Path):
-    trained = lines(ok(env, "models", "list", "--json"))[-1]["id"]  # the first test's model
-    archive = Path(ok(env, "models", "download", trained, "-o", str(tmp_path)).strip())
+    archive = tiny_model_archive(tmp_path)
     copy = json.loads(ok(env, "models", "import", str(archive), "--name", "doomed", "--json"))
     assert copy["name"] == "doomed" and copy["source"] == "import"
     # Its weights vanish from the server's disk: the worker cannot load the model and fails the job.
