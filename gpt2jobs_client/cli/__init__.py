@@ -10,7 +10,7 @@ Exit codes: 0 success (a waited-for job succeeded); 1 an API error, or a job tha
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
@@ -76,6 +76,22 @@ def emit(raw: dict[str, Any]) -> None:
 def emit_all(raws: Iterable[dict[str, Any]]) -> None:
     for raw in raws:
         emit(raw)
+
+
+def show(raw: dict[str, Any], as_json: bool) -> None:
+    """One object: the API's JSON with --json, else a `key: value` line per field."""
+    if as_json:
+        emit(raw)
+    else:
+        fields(raw)
+
+
+def show_all(items: Iterable[Any], as_json: bool, rows: Callable[[list[Any]], None]) -> None:
+    """A list of typed objects: a JSON line per item with --json (streamed page by page), else `rows(items)`."""
+    if as_json:
+        emit_all(item.raw for item in items)
+    else:
+        rows(list(items))
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..types import File, Model
-from . import cli, emit, emit_all, fields, json_option, state, table
+from . import cli, emit, json_option, show, show_all, state, table
 
 
 def file_rows(items: list[File]) -> None:
@@ -45,11 +45,7 @@ def files_upload(ctx: click.Context, path: Path, purpose: str, as_json: bool) ->
 @click.pass_context
 def files_list(ctx: click.Context, purpose: str | None, as_json: bool) -> None:
     """List files, newest first."""
-    items = state(ctx).client.files.list(purpose=purpose)
-    if as_json:
-        emit_all(f.raw for f in items)
-    else:
-        file_rows(list(items))
+    show_all(state(ctx).client.files.list(purpose=purpose), as_json, file_rows)
 
 
 @files.command("get")
@@ -58,11 +54,7 @@ def files_list(ctx: click.Context, purpose: str | None, as_json: bool) -> None:
 @click.pass_context
 def files_get(ctx: click.Context, file_id: str, as_json: bool) -> None:
     """Show a file."""
-    found = state(ctx).client.files.get(file_id)
-    if as_json:
-        emit(found.raw)
-    else:
-        fields(found.raw)
+    show(state(ctx).client.files.get(file_id).raw, as_json)
 
 
 @files.command("download")
@@ -122,11 +114,7 @@ def models_import(ctx: click.Context, path: Path, name: str | None, as_json: boo
 @click.pass_context
 def models_list(ctx: click.Context, as_json: bool) -> None:
     """List models, newest first."""
-    items = state(ctx).client.models.list()
-    if as_json:
-        emit_all(m.raw for m in items)
-    else:
-        model_rows(list(items))
+    show_all(state(ctx).client.models.list(), as_json, model_rows)
 
 
 @models.command("get")
@@ -135,11 +123,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def models_get(ctx: click.Context, model_id: str, as_json: bool) -> None:
     """Show a model."""
-    model = state(ctx).client.models.get(model_id)
-    if as_json:
-        emit(model.raw)
-    else:
-        fields(model.raw)
+    show(state(ctx).client.models.get(model_id).raw, as_json)
 
 
 @models.command("download")

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..types import Job
-from . import cli, emit, emit_all, fields, json_option, state, table
+from . import cli, emit, json_option, show, show_all, state, table
 from .progress import follow
 
 
@@ -146,11 +146,7 @@ def create_generate(ctx: click.Context, model: str, input_file: str | None, prom
 @click.pass_context
 def jobs_list(ctx: click.Context, kind: str | None, status: str | None, as_json: bool) -> None:
     """List jobs, newest first."""
-    items = state(ctx).client.jobs.list(type=kind, status=status)
-    if as_json:
-        emit_all(j.raw for j in items)
-    else:
-        job_rows(list(items))
+    show_all(state(ctx).client.jobs.list(type=kind, status=status), as_json, job_rows)
 
 
 @jobs.command("get")
@@ -159,11 +155,7 @@ def jobs_list(ctx: click.Context, kind: str | None, status: str | None, as_json:
 @click.pass_context
 def jobs_get(ctx: click.Context, job_id: str, as_json: bool) -> None:
     """Show a job."""
-    job = state(ctx).client.jobs.get(job_id)
-    if as_json:
-        emit(job.raw)
-    else:
-        fields(job.raw)
+    show(state(ctx).client.jobs.get(job_id).raw, as_json)
 
 
 @jobs.command("cancel")
