@@ -67,20 +67,6 @@ class Runtime:
         """One unit of work: `with rt.transaction() as session: ...` commits on success."""
         return session_scope(self.sessions)
 
-    def retrying(self, unit: Callable[[Session], T], attempts: int = 3) -> T:
-        """Run `unit` in a transaction, again (after a short pause) if the database aborts it for a transient
-        reason (a deadlock, a dropped connection): for writes too costly to lose, like a shard's results."""
-        for attempt in range(1, attempts):
-            try:
-                with self.transaction() as session:
-                    return unit(session)
-            except OperationalError:
-                log.warning("transient database error; retrying (%d/%d)", attempt, attempts - 1, exc_info=True)
-                time.sleep(0.2 * attempt)
-        with self.transaction() as session:
-            return unit(session)
-
-
     def persist(self, unit: Callable[[Session], T], patience: float = OUTAGE_PATIENCE_SECONDS) -> T:
         """Run `unit` in a transaction, retrying with backoff (up to 10 s apart) while the database cannot be
         reached, for up to `patience` seconds; then the last error is raised. A worker holding a job rides out a

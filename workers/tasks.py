@@ -27,7 +27,6 @@ INFRASTRUCTURE_PAUSE = 2.0
 
 def deliver(run: Callable[[Runtime, str], None], job_id: str) -> None:
     """Run one delivery of job `job_id`; a database or broker outage puts its message back (see above)."""
-    active = job_id in ACTIVE_JOBS
     ACTIVE_JOBS.add(job_id)
     try:
         run(runtime(), job_id)
@@ -39,8 +38,7 @@ def deliver(run: Callable[[Runtime, str], None], job_id: str) -> None:
         time.sleep(INFRASTRUCTURE_PAUSE)
         raise Reject(exc, requeue=True) from exc
     finally:
-        if not active:
-            ACTIVE_JOBS.discard(job_id)
+        ACTIVE_JOBS.discard(job_id)
 
 
 @app.task(name=TASK_NAMES["train"])

@@ -170,10 +170,10 @@ def test_a_transient_database_error_is_retried_then_raised(rt, monkeypatch):
             raise failures.pop()
         return "stored"
 
-    assert rt.retrying(flaky) == "stored"
+    assert rt.persist(flaky, patience=60) == "stored"
 
     def down(session):
         raise OperationalError("UPDATE ...", {}, Exception("server closed the connection"))
 
     with pytest.raises(OperationalError):
-        rt.retrying(down)
+        rt.persist(down, patience=0)
