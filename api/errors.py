@@ -17,9 +17,11 @@ DOMAIN_STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413))
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None):
@@ -40,7 +42,9 @@ def validation_param(error: ErrorDetails) -> str:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        response, status = error_response(exc.status, exc.code, exc.message, exc.param)
+        response.headers.update(exc.headers)
+        return response, status
 
     @app.errorhandler(DomainError)
     def domain_error(exc: DomainError):

@@ -21,6 +21,7 @@ from jobs.text import storable
 
 from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
+from .event_stream import event_stream_response, last_event_id, wants_event_stream
 
 jobs = v1_blueprint("jobs")
 log = logging.getLogger("api")
@@ -158,9 +159,13 @@ def event_object(event: JobEvent) -> dict[str, Any]:
 
 @jobs.get("/jobs/<job_id>/events")
 def list_events(job_id: str):
-    """The job's events, oldest first (`after` an event id, `limit`)."""
+    """The job's events, oldest first (`after` an event id, or Last-Event-ID; `limit`). With `Accept:
+    text/event-stream`, a live stream of them and of the job's progress until it has finished (api.event_stream)."""
+    if wants_event_stream():
+        return event_stream_response(job_id, job_object, event_object)
+    query = {**paging(int), "after": last_event_id()}
     with unit_of_work() as session:
-        items, has_more = repository.list_events(session, owner(), job_id, **paging(int))
+        items, has_more = repository.list_events(session, owner(), job_id, **query)
         return page(items, has_more, event_object)
 
 

@@ -19,10 +19,14 @@ from jobs.specs import ResourceId
 from jobs.states import STATUSES
 from jobs.text import NAME_PATTERN
 
+from jobs.repository import MAX_METRICS_PAGE_SIZE
+
 from .context import DEFAULT_PAGE_SIZE, MAX_INT_CURSOR, MAX_PAGE_SIZE
 from .jobs import IDEMPOTENCY_KEY_PATTERN
 
 openapi = Blueprint("openapi", __name__)
+#: Routes that are not part of the REST API: the web dashboard's pages and assets (api/dashboard.py).
+UNDOCUMENTED_BLUEPRINTS = {"dashboard"}
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -132,6 +136,21 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                   "config": {"type": "object", "description": "The checkpoint's config.json."},
                   "parameter_count": {"type": "integer", "minimum": 0}, "created_at": UNIX_TIME}),
     "ModelDeleted": deleted("model"),
+    "MetricPoint": obj({
+        "step": {"type": "integer", "minimum": 1},
+        "train_loss": {"type": ["number", "null"], "description": "The step's training loss (nats per token)."},
+        "val_loss": {"type": ["number", "null"], "description": "The validation loss (nats per token) on an "
+                                                               "evaluation step; null on the others."},
+        "learning_rate": {"type": ["number", "null"]},
+        "grad_norm": {"type": ["number", "null"], "description": "Total gradient norm before clipping."},
+        "tokens_per_second": {"type": ["number", "null"], "description": "Training tokens per second over the step."},
+        "elapsed_seconds": {"type": ["number", "null"], "description": "Seconds from the job's first start to the "
+                                                                       "end of the step (a resumed run continues "
+                                                                       "the count)."}},
+        "One training step; a value that was not finite is null."),
+    "MetricList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("MetricPoint")},
+                       "has_more": {"type": "boolean", "description": "More steps follow: ask again with `after` "
+                                                                         "the last step of `data`."}}),
 }
 RESPONSE_SCHEMAS.update({"FileList": page_of("File", ID), "JobList": page_of("Job", ID),
                          "ModelList": page_of("Model", ID), "EventList": page_of("Event", {"type": "integer"}),
@@ -200,7 +219,19 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         AFTER_ID, LIMIT]},
     "jobs.get_job": {"content": json_response("Job")},
     "jobs.cancel_job": {"content": json_response("Job")},
-    "jobs.list_events": {"content": json_response("EventList"), "parameters": [AFTER_INT, LIMIT]},
+    "jobs.list_events": {"content": {**json_response("EventList"), "text/event-stream": {"schema": {
+        "type": "string", "description": "Sent when the request's Accept prefers text/event-stream: server-sent "
+        "events, each job event as `id: <event id>` and `data: <Event>`, oldest first, then new ones as they happen; "
+        "`event: job` with `data: <Job>` whenever the job's status or progress changes; `event: end` with the final "
+        "Job once the job has finished and all its events were sent, and the stream closes. A stream also ends after "
+        "EVENT_STREAM_SECONDS; reconnect with Last-Event-ID to resume. `limit` does not apply."}}},
+        "parameters": [AFTER_INT, LIMIT, {
+            "name": "Last-Event-ID", "in": "header", "required": False,
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT_CURSOR},
+            "description": "Resume after this event id (what EventSource sends on reconnecting); instead of `after`."}],
+        "responses": {"503": {"description": "The database is unreachable (database_unavailable), or, for a stream, "
+                              "this API process serves its most streams already (too_many_streams; see Retry-After).",
+                              "content": json_response("Error")}}},
     "jobs.list_checkpoints": {"content": json_response("CheckpointList")},
     "jobs.list_results": {"content": json_response("ResultList"), "parameters": [AFTER_INT, LIMIT]},
     "jobs.stream_results": {"content": {"application/x-ndjson": {"schema": {
@@ -216,6 +247,20 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                   "description": "Default (also when empty): the archive's file name without its suffix."}},
         ["file"], "The archive is extracted and checked as from_pretrained would load it; one it refuses is a 400 "
                   "invalid_model naming what is wrong.")},
+    "job_metrics.list_metrics": {"content": json_response("MetricList"), "parameters": [
+        query("after", "Only steps after this one (the last step a chart already has).",
+              {"type": "integer", "minimum": 0, "maximum": MAX_INT_CURSOR}),
+        query("limit", f"At most this many steps, 1 to {MAX_METRICS_PAGE_SIZE} (default {MAX_METRICS_PAGE_SIZE}).",
+              {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE_SIZE, "default": MAX_METRICS_PAGE_SIZE})]},
+    "job_metrics.metrics_csv": {"content": {"text/csv": {"schema": {
+        "type": "string", "description": "A header row `step,train_loss,val_loss,learning_rate,grad_norm,"
+        "tokens_per_second,elapsed_seconds`, then one row per MetricPoint, by step; an empty cell is null."}}}},
+    "monitoring.metrics": {"content": {"text/plain": {"schema": {
+        "type": "string", "description": "The Prometheus text format (version 0.0.4): gpt2jobs_jobs, "
+        "gpt2jobs_job_queue_wait_seconds, gpt2jobs_job_duration_seconds, gpt2jobs_tokens_total, "
+        "gpt2jobs_lease_takeovers_total, gpt2jobs_database_up, gpt2jobs_http_request_duration_seconds."}}},
+        "responses": {"401": {"description": "Only when the server sets METRICS_TOKEN: the request does not carry "
+                                             "it as `Authorization: Bearer <token>`.", "content": json_response("Error")}}},
     "models.download_model": {"content": {"application/gzip": {"schema": BINARY}}, "errors": ["410"]},
 }
 
@@ -240,7 +285,7 @@ def operation(endpoint: str, path: str, method: str, summary: str, path_argument
         success["headers"] = extra["headers"]
     responses: dict[str, Any] = {extra.get("status", "200"): success, **extra.get("responses", {})}
     for status in error_statuses(path, method, extra.get("errors", [])):
-        responses[status] = {"description": ERRORS[status], "content": json_response("Error")}
+        responses.setdefault(status, {"description": ERRORS[status], "content": json_response("Error")})
     spec: dict[str, Any] = {
         "operationId": f"{endpoint}.{method}",
         "summary": summary,
@@ -271,7 +316,7 @@ def document() -> dict[str, Any]:
     components.update(job_request_schemas(current_app.extensions["gpt2jobs"].settings.max_inline_prompts))
     paths: dict[str, Any] = {}
     for rule in current_app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or rule.endpoint.partition(".")[0] in UNDOCUMENTED_BLUEPRINTS:
             continue
         view = current_app.view_functions[rule.endpoint]
         path = rule.rule.replace("<", "{").replace(">", "}")

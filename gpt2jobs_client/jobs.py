@@ -8,8 +8,17 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import httpx
+
+from . import sse
 from ._http import Transport
+from .errors import ServiceUnavailableError
+from .sse import MEDIA_TYPE
 from .types import Checkpoint, Event, GenerationResult, Job
+
+
+#: The largest event id (a 32-bit column): resuming after it skips every event, for callers that want progress only.
+MAX_EVENT_ID = 2**31 - 1
 
 
 class Jobs:
@@ -40,18 +49,69 @@ class Jobs:
         return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def events(self, job_id: str, follow: bool = False, poll_interval: float = 1.0) -> Iterator[Event]:
-        """The job's events, oldest first. With follow=True, keeps polling for new ones (after the last id seen)
-        until the job has finished and no event is left to read."""
-        after: int | None = None
+        """The job's events, oldest first. With follow=True, new ones as they happen (the live event stream,
+        `stream()`), until the job has finished and its last event was read."""
+        if not follow:
+            for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"limit": 100}):
+                yield Event.from_api(item)
+            return
+        for followed in self.stream(job_id, poll_interval=poll_interval):
+            if isinstance(followed, Event):
+                yield followed
+
+    def stream(self, job_id: str, after: int | None = None, poll_interval: float = 1.0) -> Iterator[Event | Job]:
+        """The job as it runs: its events (oldest first, after the event id `after`) and a Job snapshot whenever
+        its status or progress changes; the last item is the finished Job. Reads the API's server-sent events
+        (GET /v1/jobs/{id}/events with Accept: text/event-stream), reconnecting with Last-Event-ID when a stream
+        ends before the job (the server bounds each connection's time) or drops; where the API serves no stream
+        (too many watchers: 503 too_many_streams after the retries), it polls the JSON routes instead."""
+        last_id = after
+        failures = 0
         while True:
-            # Read the status before the events: every event of a job seen finished here is in the read below.
-            finished = follow and self.get(job_id).is_terminal
+            headers = {"Accept": MEDIA_TYPE}
+            if last_id is not None:
+                headers["Last-Event-ID"] = str(last_id)
+            try:
+                with self._t.send("GET", f"/v1/jobs/{job_id}/events", headers=headers, stream=True) as response:
+                    if not response.headers.get("content-type", "").startswith(MEDIA_TYPE):
+                        break  # an API without streams: poll
+                    for message in sse.parse(response.iter_lines()):
+                        failures = 0
+                        if message.event == "message":
+                            event = Event.from_api(json.loads(message.data))
+                            last_id = event.id
+                            yield event
+                        elif message.event == "job":
+                            yield Job.from_api(json.loads(message.data))
+                        elif message.event == "end":
+                            yield Job.from_api(json.loads(message.data))
+                            return
+            except ServiceUnavailableError as exc:
+                if exc.code != "too_many_streams":
+                    raise
+                break
+            except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError):
+                failures += 1  # the connection dropped mid-stream: reconnect, resuming after the last event
+                if failures > self._t.max_retries:
+                    raise
+                time.sleep(self._t.delay(failures, None))
+        yield from self._poll(job_id, last_id, poll_interval)
+
+    def _poll(self, job_id: str, after: int | None, poll_interval: float) -> Iterator[Event | Job]:
+        """stream() by polling the JSON routes."""
+        last: dict[str, Any] | None = None
+        while True:
+            # The status before the events: every event of a job seen finished here is in the read below.
+            job = self.get(job_id)
             seen = False
             for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"after": after, "limit": 100}):
                 event = Event.from_api(item)
                 after, seen = event.id, True
                 yield event
-            if not follow or (finished and not seen):
+            if last is None or (job.status, job.progress) != (last["status"], last["progress"]):
+                yield job
+                last = job.raw
+            if job.is_terminal:
                 return
             if not seen:
                 time.sleep(poll_interval)
@@ -69,9 +129,17 @@ class Jobs:
 
     def wait(self, job_id: str, on_progress: Callable[[Job], Any] | None = None, poll_interval: float = 1.0,
              timeout: float | None = None) -> Job:
-        """Poll until the job has finished and return it (failed and cancelled jobs too: see its `status` and
-        `error`). `on_progress(job)` is called with the first snapshot and each one that differs from the last.
-        TimeoutError after `timeout` seconds."""
+        """Follow the job until it has finished and return it (failed and cancelled jobs too: see its `status`
+        and `error`). `on_progress(job)` is called with the first snapshot and each change of status or progress
+        (from the live event stream; by polling every `poll_interval` seconds where there is none, or with a
+        `timeout`). TimeoutError after `timeout` seconds."""
+        if timeout is None:
+            for item in self.stream(job_id, after=MAX_EVENT_ID, poll_interval=poll_interval):
+                if isinstance(item, Job):
+                    if on_progress is not None:
+                        on_progress(item)
+                    if item.is_terminal:
+                        return item
         deadline = None if timeout is None else time.monotonic() + timeout
         last: dict[str, Any] | None = None
         while True:

@@ -214,6 +214,25 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobMetric(Base):
+    """One training step's metrics of a train or finetune job, for charts and files (workers.reporting writes
+    them; jobs.training_metrics decides which steps are kept). Rewritten, not duplicated, when a resumed run
+    trains a step again. A value that was not finite (an infinite gradient norm) is stored as NULL."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    train_loss: Mapped[float | None] = mapped_column(Float)  # nats per token, the step's mean over its micro-batches
+    val_loss: Mapped[float | None] = mapped_column(Float)  # nats per token; only on evaluation steps
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)  # total gradient norm before clipping
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)  # training tokens per second over this step
+    # Wall-clock seconds from the job's first start (jobs.started_at) to the end of this step, so a resumed run
+    # continues the count, and the time the job waited for another worker after a takeover is included.
+    elapsed_seconds: Mapped[float | None] = mapped_column(Float)
+
+
 class GenerationResult(Base):
     __tablename__ = "generation_results"
 

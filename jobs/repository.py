@@ -30,6 +30,7 @@ from jobs.models import (
     GenerationResult,
     Job,
     JobEvent,
+    JobMetric,
     Model,
     new_id,
 )
@@ -367,6 +368,28 @@ def list_checkpoints(session: Session, owner: str, job_id: str) -> list[Checkpoi
     """A job's checkpoints by step."""
     get_job(session, owner, job_id)
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+# Training metrics
+
+#: The most metric rows one request returns: a whole run's, for any run up to 10,000 steps.
+MAX_METRICS_PAGE_SIZE = 10_000
+
+
+def list_job_metrics(session: Session, owner: str, job_id: str, after: int | None = None,
+                     limit: int = MAX_METRICS_PAGE_SIZE) -> tuple[list[JobMetric], bool]:
+    """A train or finetune job's per-step metrics by step (jobs.training_metrics); `after` is the last step
+    already seen. A generate job has none: InvalidRequest (400) naming job_id."""
+    if not 1 <= limit <= MAX_METRICS_PAGE_SIZE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_METRICS_PAGE_SIZE}", param="limit")
+    job = get_job(session, owner, job_id)
+    if job.type == "generate":
+        raise InvalidRequest("generate jobs have no training metrics", param="job_id", status=400)
+    stmt = select(JobMetric).where(JobMetric.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(JobMetric.step > after)
+    rows = session.scalars(stmt.order_by(JobMetric.step).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit
 
 
 # Models

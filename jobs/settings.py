@@ -13,7 +13,7 @@ DEFAULT_VAR = Path("var")
 KEEP_CHECKPOINTS_MAX = 1000
 
 
-def _integer(env: Mapping[str, str], variable: str, default: int, low: int = 1, high: int | None = None) -> int:
+def integer_setting(env: Mapping[str, str], variable: str, default: int, low: int = 1, high: int | None = None) -> int:
     """The integer setting `variable`, refused at start (ValueError naming it) unless it lies in [low, high]."""
     raw = env.get(variable)
     if raw is None or raw == "":
@@ -41,6 +41,9 @@ class Settings:
     generation_shard_size: int
     model_cache_size: int
     keep_checkpoints: int
+    event_streams: int
+    event_stream_seconds: int
+    metrics_token: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -53,25 +56,35 @@ class Settings:
             # kombu's filesystem transport: a broker that needs no server (the embedded default).
             broker_url=env.get("BROKER_URL", "filesystem://"),
             artifact_dir=Path(env.get("ARTIFACT_DIR", var / "artifacts")).resolve(),
-            max_upload_bytes=_integer(env, "MAX_UPLOAD_BYTES", 1 << 30),
-            max_inline_prompts=_integer(env, "MAX_INLINE_PROMPTS", 1000),
+            max_upload_bytes=integer_setting(env, "MAX_UPLOAD_BYTES", 1 << 30),
+            max_inline_prompts=integer_setting(env, "MAX_INLINE_PROMPTS", 1000),
             # A worker renews its claim on a job every third of this; a job whose claim lapses (its worker died)
             # is handed to another worker, which resumes it.
-            job_lease_seconds=_integer(env, "JOB_LEASE_SECONDS", 60),
+            job_lease_seconds=integer_setting(env, "JOB_LEASE_SECONDS", 60),
             # A job whose worker is lost (killed, out of memory, machine gone) this many times fails with
             # "worker_lost" instead of being tried again: a job that kills every worker it runs on ends.
-            job_max_attempts=_integer(env, "JOB_MAX_ATTEMPTS", 3),
+            job_max_attempts=integer_setting(env, "JOB_MAX_ATTEMPTS", 3),
             # A queued job with no message for it waiting in the broker this long after its last message was
             # sent (the broker restarted empty, a publish never happened, a queue was purged) is sent again.
-            job_redispatch_seconds=_integer(env, "JOB_REDISPATCH_SECONDS", 30),
+            job_redispatch_seconds=integer_setting(env, "JOB_REDISPATCH_SECONDS", 30),
             # Prompts per unit of bulk-generation work: any worker takes any shard, so more workers finish sooner.
-            generation_shard_size=_integer(env, "GENERATION_SHARD_SIZE", 128),
+            generation_shard_size=integer_setting(env, "GENERATION_SHARD_SIZE", 128),
             # Models each worker process keeps loaded between generation shards and jobs.
-            model_cache_size=_integer(env, "MODEL_CACHE_SIZE", 2),
+            model_cache_size=integer_setting(env, "MODEL_CACHE_SIZE", 2),
             # Checkpoints each training job keeps on disk: the last this many (the newest is the one it resumes
             # from) plus the one with the lowest validation loss; older ones are deleted as new ones are written.
             # A job's hyperparameters.keep_checkpoints overrides it.
-            keep_checkpoints=_integer(env, "KEEP_CHECKPOINTS", 3, high=KEEP_CHECKPOINTS_MAX),
+            keep_checkpoints=integer_setting(env, "KEEP_CHECKPOINTS", 3, high=KEEP_CHECKPOINTS_MAX),
+            # Live event streams (GET /v1/jobs/{id}/events as text/event-stream) each API process serves at once:
+            # every stream holds one of its threads (gunicorn.conf.py gives each process this many threads plus
+            # REQUEST_THREADS for plain requests); one more is answered 503 with Retry-After.
+            event_streams=integer_setting(env, "EVENT_STREAMS", 32, high=1000),
+            # The longest one stream connection stays open; then it ends and the client reconnects with
+            # Last-Event-ID (as browsers' EventSource do by themselves), so no watcher holds a thread for good.
+            event_stream_seconds=integer_setting(env, "EVENT_STREAM_SECONDS", 300),
+            # When set, GET /metrics (Prometheus) needs `Authorization: Bearer <this>`; unset (or empty), it is
+            # open, as Prometheus expects: keep it private at the proxy or the bind then (README, "Monitoring").
+            metrics_token=env.get("METRICS_TOKEN") or None,
         )
 
     @property

@@ -168,3 +168,20 @@ def test_dockerfile_defaults_to_cpu_torch():
     assert "FROM python:3.11-slim" in text
     assert "ARG TORCH_VERSION=2.13.0" in text
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+
+
+def test_prometheus_scrapes_the_api_s_metrics_route(compose, tmp_path):
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    mounts = dict(reversed(volume.split(":")[:2]) for volume in prometheus["volumes"])
+    config_file = ROOT / mounts[_option(_command(prometheus), "--config.file")]
+    (job,) = yaml.safe_load(config_file.read_text())["scrape_configs"]
+    api_port = _option(_command(compose["services"]["api"]), "--bind", "-b").rsplit(":", 1)[1]
+    assert job["static_configs"] == [{"targets": [f"api:{api_port}"]}]
+
+    from api import create_app
+
+    app = create_app(Settings.from_env({"GPT2JOBS_VAR_DIR": str(tmp_path), "DATABASE_URL": "sqlite:///:memory:",
+                                        "BROKER_URL": "memory://"}))
+    routes = {rule.rule: rule.endpoint for rule in app.url_map.iter_rules()}
+    assert routes[job["metrics_path"]] == "monitoring.metrics"

@@ -1,17 +1,19 @@
-"""Trainer callbacks that report a job's run into the database: progress, metrics and message events, checkpoint
-rows (JobReporter), and the checkpoint retention that keeps a job's disk use bounded (CheckpointRetention)."""
+"""Trainer callbacks that report a job's run into the database: progress, metrics and message events, per-step
+metric rows, checkpoint rows (JobReporter), and the checkpoint retention that keeps a job's disk use bounded
+(CheckpointRetention)."""
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from gpt2core.train import StepMetrics, TrainerCallback, list_checkpoints
-from jobs import execution, repository, retention
+from jobs import execution, repository, retention, training_metrics
 
 from .runtime import LeaseKeeper, Runtime, is_infrastructure_error
 
@@ -24,15 +26,24 @@ MAX_PENDING = 10_000  # writes kept while the database cannot be reached
 
 class JobReporter(TrainerCallback):
     """Writes what the Trainer does into the job: progress (about once a second), metrics and message events,
-    checkpoint rows. Its should_stop() is the job's cancellation, the loss of its lease, or this worker's
-    shutdown.
+    per-step metric rows (the steps jobs.training_metrics keeps, and every evaluation step), checkpoint rows. Its
+    should_stop() is the job's cancellation, the loss of its lease, or this worker's shutdown.
+
+    Metric rows are buffered and written with the next write of anything (the progress, about once a second, or
+    an event), in its transaction: never one transaction per step. Their elapsed_seconds count from
+    `started_at`, the job's first start (on this worker's clock), so a resumed run continues the count.
 
     A database blip never stops training: a write that cannot get through is kept (the newest MAX_PENDING) and
     written with the next one that does; a progress update that fails is simply replaced by the next."""
 
-    def __init__(self, rt: Runtime, job_id: str, lease: LeaseKeeper, steps: int):
+    def __init__(self, rt: Runtime, job_id: str, lease: LeaseKeeper, steps: int, started_at: datetime | None = None):
         self.rt, self.job_id, self.lease, self.steps = rt, job_id, lease, steps
         self.metrics_every = max(1, steps // METRIC_EVENTS)
+        # time.monotonic() at the job's first start: elapsed seconds survive a clock change during the run.
+        since_start = 0.0 if started_at is None else max(0.0, time.time() - started_at.timestamp())
+        self.started = time.monotonic() - since_start
+        self.metric_rows: dict[int, dict[str, Any]] = {}  # by step, not yet handed to `pending`
+        self.last_row: dict[str, Any] | None = None  # the latest step's row, kept or not (an evaluation keeps it)
         self.val_loss: float | None = None
         self.last_write = 0.0
         self.step = 0
@@ -45,6 +56,7 @@ class JobReporter(TrainerCallback):
         """Write, in `session`, what is pending, and `progress` (which renews the lease), with an event saying how
         long the database was away if it was; returns how many pending writes that was. LeaseLost as
         execution.update_progress."""
+        self.queue_metric_rows()
         units = len(self.pending)
         if self.unreachable_since is not None:
             seconds = time.monotonic() - self.unreachable_since
@@ -87,6 +99,13 @@ class JobReporter(TrainerCallback):
         self.stored(units)
         return True
 
+    def queue_metric_rows(self) -> None:
+        """Hand the buffered metric rows to `pending` as one write (kept there until it is stored)."""
+        if self.metric_rows and not self.lease.lost:
+            rows = list(self.metric_rows.values())
+            self.pending.append(lambda session: training_metrics.upsert_metrics(session, self.job_id, rows))
+            self.metric_rows = {}
+
     def write(self, unit: Callable[[Session], object]) -> None:
         """Store `unit`'s writes now, or as soon as the database answers again."""
         if self.lease.lost:
@@ -105,13 +124,18 @@ class JobReporter(TrainerCallback):
     def on_step(self, metrics: StepMetrics) -> None:
         self.step = metrics.step
         now = time.monotonic()
+        self.last_row = {"step": metrics.step, "train_loss": metrics.loss, "val_loss": None,
+                         "learning_rate": metrics.learning_rate, "grad_norm": metrics.grad_norm,
+                         "tokens_per_second": metrics.tokens_per_second, "elapsed_seconds": now - self.started}
+        if training_metrics.keeps_step(metrics.step, self.steps):
+            self.metric_rows[metrics.step] = self.last_row
         if now - self.last_write >= PROGRESS_INTERVAL or metrics.step == self.steps:
             self.last_write = now
             remaining = self.steps - metrics.step
             self.progress = {
                 "step": metrics.step, "total_steps": self.steps, "loss": round(metrics.loss, 4),
                 "val_loss": self.val_loss, "tokens_per_second": round(metrics.tokens_per_second, 1),
-                "eta_seconds": round(remaining * metrics.step_time, 1),
+                "eta_seconds": round(remaining * metrics.step_time, 1), "tokens": metrics.tokens,
             }
             self.flush(self.progress)
         if metrics.step % self.metrics_every == 0 or metrics.step == self.steps:
@@ -121,6 +145,9 @@ class JobReporter(TrainerCallback):
 
     def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
         self.val_loss = round(val_loss, 4)
+        # The step's whole row (written again if it was already stored), so an evaluation step is always kept.
+        latest = self.last_row if self.last_row is not None and self.last_row["step"] == step else {"step": step}
+        self.metric_rows[step] = {**latest, "val_loss": val_loss}
         self.event(f"step {step}: validation loss {val_loss:.4f} (perplexity {perplexity:.1f})", "metrics",
                    {"step": step, "val_loss": val_loss, "perplexity": perplexity})
 

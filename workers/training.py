@@ -191,7 +191,7 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     has_val = val_tokens.size > block_size
     config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
                           checkpoint_dir=rt.artifacts.checkpoint_dir(job.id))
-    reporter = JobReporter(rt, job.id, lease, steps)
+    reporter = JobReporter(rt, job.id, lease, steps, job.started_at)
     keep = spec.hyperparameters.keep_checkpoints or rt.settings.keep_checkpoints
     retention_policy = CheckpointRetention(rt, job.id, lease, keep, reporter)
     if job.attempts == 1:

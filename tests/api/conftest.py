@@ -170,6 +170,17 @@ class ApiHelper:
                 session.add(Checkpoint(job_id=job_id, step=step, train_loss=10.0 / step, val_loss=None,
                                        storage_path=f"/checkpoints/{job_id}/{step}", bytes=1000 + step))
 
+    def add_metrics(self, job_id: str, steps) -> list[dict]:
+        """Per-step training metric rows as a worker writes them (val_loss on every third step); returns them."""
+        from jobs.training_metrics import upsert_metrics
+
+        rows = [{"step": step, "train_loss": 10.0 / step, "val_loss": 9.0 / step if step % 3 == 0 else None,
+                 "learning_rate": 3e-3, "grad_norm": 1.0 + step / 8, "tokens_per_second": 5400.0 + step,
+                 "elapsed_seconds": 0.5 * step} for step in steps]
+        with self.session() as session:
+            upsert_metrics(session, job_id, rows)
+        return rows
+
     def add_results(self, job_id: str, indexes) -> None:
         """Generation results in the order given (a worker may finish prompts out of order)."""
         with self.session() as session:

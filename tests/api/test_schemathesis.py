@@ -79,6 +79,10 @@ REFUSALS = [
             "only generate jobs have results; the job's type is stored state"),
     refusal("GET /v1/jobs/{job_id}/results.jsonl", 400, "invalid_request", {"job_id"},
             "only generate jobs have results; the job's type is stored state"),
+    refusal("GET /v1/jobs/{job_id}/metrics", 400, "invalid_request", {"job_id"},
+            "only train and finetune jobs have training metrics; the job's type is stored state"),
+    refusal("GET /v1/jobs/{job_id}/metrics.csv", 400, "invalid_request", {"job_id"},
+            "only train and finetune jobs have training metrics; the job's type is stored state"),
 ]
 
 

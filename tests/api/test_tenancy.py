@@ -39,6 +39,8 @@ ROUTES = v1_routes(create_app(Settings.from_env({
     "GPT2JOBS_VAR_DIR": tempfile.gettempdir(), "DATABASE_URL": "sqlite:///:memory:", "BROKER_URL": "memory://",
 })))
 ROUTE_IDS = [f"{method} {rule}" for rule, method in ROUTES]
+#: Routes whose job must be a train or finetune job (a generate job has no training metrics: 400).
+TRAINING_JOB_ROUTES = {"/v1/jobs/<job_id>/metrics", "/v1/jobs/<job_id>/metrics.csv"}
 
 
 def url_for(rule: str, ids: dict[str, str]) -> str:
@@ -58,14 +60,17 @@ def victim(helper, auth) -> dict[str, str]:
     """One of everything, owned by `auth`'s owner: ids by route argument name, plus more a body can name.
 
     Nothing references file_id or model_id, so their owner may delete them; the job (a generate job on another
-    model, with results, a checkpoint and an idempotency key) is queued, so its owner may cancel it."""
+    model, with results, a checkpoint and an idempotency key) is queued, so its owner may cancel it; train_job
+    (with metric rows) stands in for it on TRAINING_JOB_ROUTES."""
     base_model = helper.create_model(auth, name="base")
     job = helper.submit_job(auth, {"type": "generate", "model": base_model, "prompts": ["a", "b"]},
                             **{"Idempotency-Key": "shared-key"})
     helper.add_results(job["id"], [1, 0])
     helper.add_checkpoints(job["id"], [10])
+    train_job = helper.train_job(auth)["id"]
+    helper.add_metrics(train_job, [1, 2])
     return {"file_id": helper.upload_file(auth)["id"], "job_id": job["id"], "model_id": helper.create_model(auth),
-            "input_file": helper.generation_file(auth)["id"], "base_model": base_model}
+            "input_file": helper.generation_file(auth)["id"], "base_model": base_model, "train_job": train_job}
 
 
 def snapshot(helper, headers, ids) -> dict:
@@ -159,7 +164,7 @@ def test_another_owners_resources_are_not_found_and_unchanged(helper, auth, othe
     rule, method = route
     before = snapshot(helper, auth, victim)
     if ROUTE_ARGUMENT.search(rule):
-        url = url_for(rule, victim)
+        url = url_for(rule, {**victim, "job_id": victim["train_job"]} if rule in TRAINING_JOB_ROUTES else victim)
         assert_not_found(helper.client.open(url, method=method, headers=other_auth))
         assert snapshot(helper, auth, victim) == before
         # The same request by the owner works: the 404 was about whose resource it is.

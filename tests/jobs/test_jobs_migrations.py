@@ -11,8 +11,8 @@ from jobs.db import make_engine
 from jobs.models import Base
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
-          "generation_shards"}
-REVISIONS = ["0001", "0002", "0003", "0004"]  # base to head, one line of history
+          "generation_shards", "job_metrics"}
+REVISIONS = ["0001", "0002", "0003", "0004", "0005"]  # base to head, one line of history
 
 
 def test_upgrade_head_creates_every_table(engine):
@@ -76,7 +76,25 @@ def test_0002_adds_generation_shards_and_downgrades_to_0001(backend, fresh_datab
     finally:
         engine.dispose()
     command.downgrade(config, "0001")
-    assert set(inspect_tables(url)) >= TABLES - {"generation_shards"}
+    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics"}
     assert "generation_shards" not in inspect_tables(url)
     command.upgrade(config, "head")
     command.check(config)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0005_adds_job_metrics_and_downgrades_to_0004(backend, fresh_database_url, migrations_config):
+    config = migrations_config(fresh_database_url(backend))
+    url = config.attributes["database_url"]
+    command.upgrade(config, "0005")
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        assert inspector.get_pk_constraint("job_metrics")["constrained_columns"] == ["job_id", "step"]
+        (fk,) = inspector.get_foreign_keys("job_metrics")
+        assert (fk["referred_table"], fk["constrained_columns"], fk["options"].get("ondelete")) == (
+            "jobs", ["job_id"], "CASCADE")
+    finally:
+        engine.dispose()
+    command.downgrade(config, "0004")
+    assert "job_metrics" not in inspect_tables(url) and "jobs" in inspect_tables(url)

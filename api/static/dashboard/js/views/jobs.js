@@ -1,0 +1,109 @@
+// /jobs: the caller's jobs, newest first, filtered by type and status (kept in the address:
+// /jobs?type=train&status=running can be bookmarked), refreshed every few seconds while any listed job is active.
+
+import { getList, isAbort } from "../api.js";
+import {
+  dataTable, h, isActive, jobProgress, link, notice, progressBar, replace, statusBadge, timeEl,
+} from "../dom.js";
+
+const TYPES = ["train", "finetune", "generate"];
+const STATUSES = ["queued", "running", "succeeded", "failed", "cancelling", "cancelled"];
+const PAGE_SIZE = 50;
+const REFRESH_MS = 3000;
+
+function filterSelect(name, label, options, value, onChange) {
+  const select = h("select", { id: `filter-${name}`, name, "data-testid": `filter-${name}` },
+    h("option", { value: "" }, `any ${label}`),
+    options.map((option) => h("option", { value: option, selected: option === value }, option)));
+  select.addEventListener("change", () => onChange(select.value));
+  return h("label", { class: "filter" }, `${label[0].toUpperCase()}${label.slice(1)} `, select);
+}
+
+function jobRow(job) {
+  const { fraction, text } = jobProgress(job);
+  return h("tr", { "data-job-id": job.id },
+    h("td", {}, link(`/jobs/${encodeURIComponent(job.id)}`, h("code", {}, job.id))),
+    h("td", {}, job.type),
+    h("td", {}, statusBadge(job.status)),
+    h("td", { class: "progress-cell" }, progressBar(fraction, text), h("span", { class: "muted small" }, text)),
+    h("td", {}, timeEl(job.created_at)),
+    h("td", {}, timeEl(job.started_at)),
+    h("td", {}, timeEl(job.finished_at)));
+}
+
+export async function renderJobs(main, ctx) {
+  document.title = "Jobs · gpt2-jobs";
+  const type = TYPES.includes(ctx.query.get("type")) ? ctx.query.get("type") : "";
+  const status = STATUSES.includes(ctx.query.get("status")) ? ctx.query.get("status") : "";
+
+  const setFilter = (name, value) => {
+    const query = new URLSearchParams(location.search);
+    if (value) query.set(name, value);
+    else query.delete(name);
+    const qs = query.toString();
+    ctx.navigate(`/jobs${qs ? `?${qs}` : ""}`);
+  };
+
+  const table = dataTable(["Job", "Type", "Status", "Progress", "Created", "Started", "Finished"], [],
+    { "data-testid": "jobs-table" });
+  const body = table.tBodies[0];
+  const message = h("div", {});
+  const more = h("button", { type: "button", class: "button secondary", hidden: true }, "Load more");
+  const updated = h("span", { class: "muted small", "aria-live": "polite" });
+
+  main.append(
+    h("div", { class: "page-head" }, h("h1", {}, "Jobs"), updated),
+    h("div", { class: "filters" },
+      filterSelect("type", "type", TYPES, type, (value) => setFilter("type", value)),
+      filterSelect("status", "status", STATUSES, status, (value) => setFilter("status", value))),
+    message, table, more);
+
+  let jobs = [];
+  let hasMore = false;
+  let timer = null;
+  ctx.onLeave(() => clearTimeout(timer));
+
+  const show = () => {
+    replace(body, jobs.map(jobRow));
+    if (jobs.length === 0) {
+      body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, type || status ?
+        "No jobs match these filters." : "No jobs yet. Submit one with POST /v1/jobs (or the gpt2jobs command).")));
+    }
+    more.hidden = !hasMore;
+    updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+  };
+
+  // (Re)load the first `count` jobs; while any of them is active, again in a few seconds.
+  const load = async (count) => {
+    clearTimeout(timer);
+    try {
+      const page = await getList("/jobs", { type, status, limit: Math.min(100, Math.max(count, 1)) },
+        { signal: ctx.signal });
+      jobs = page.data;
+      hasMore = page.has_more;
+      replace(message);
+      show();
+    } catch (exc) {
+      if (isAbort(exc)) return;
+      replace(message, notice("error", exc.message));
+    }
+    if (ctx.isCurrent() && jobs.some(isActive)) timer = setTimeout(() => load(jobs.length || PAGE_SIZE), REFRESH_MS);
+  };
+
+  more.addEventListener("click", async () => {
+    more.disabled = true;
+    try {
+      const page = await getList("/jobs", { type, status, limit: PAGE_SIZE, after: jobs[jobs.length - 1].id },
+        { signal: ctx.signal });
+      jobs = jobs.concat(page.data);
+      hasMore = page.has_more;
+      show();
+    } catch (exc) {
+      if (!isAbort(exc)) replace(message, notice("error", exc.message));
+    } finally {
+      more.disabled = false;
+    }
+  });
+
+  await load(PAGE_SIZE);
+}

@@ -1,0 +1,50 @@
+// /models: the caller's registered models (imported, or produced by train and finetune jobs), newest first.
+
+import { getList } from "../api.js";
+import { dataTable, formatNumber, h, link, notice, replace, row, timeEl } from "../dom.js";
+
+const PAGE_SIZE = 50;
+
+function shape(config) {
+  if (!config) return "—";
+  const parts = ["n_layer", "n_head", "n_embd", "n_positions"].filter((k) => config[k] !== undefined)
+    .map((k) => `${k} ${config[k]}`);
+  return parts.join(" · ") || "—";
+}
+
+export async function renderModels(main, ctx) {
+  document.title = "Models · gpt2-jobs";
+  const table = dataTable(["Model", "Name", "Source", "Job", "Parameters", "Shape", "Created"], [],
+    { "data-testid": "models-table" });
+  const body = table.tBodies[0];
+  const message = h("div", {});
+  const more = h("button", { type: "button", class: "button secondary", hidden: true }, "Load more");
+  main.append(
+    h("div", { class: "page-head" }, h("h1", {}, "Models")),
+    h("p", { class: "muted" }, "Models come from train and finetune jobs, or are imported with POST /v1/models."),
+    message, table, more);
+
+  const modelRow = (m) => row([h("code", {}, m.id), m.name, m.source,
+    m.job_id ? link(`/jobs/${encodeURIComponent(m.job_id)}`, h("code", {}, m.job_id)) : "—",
+    formatNumber(m.parameter_count), shape(m.config), timeEl(m.created_at)], { "data-model-id": m.id });
+
+  let after = null;
+  const load = async () => {
+    more.disabled = true;
+    try {
+      const page = await getList("/models", { limit: PAGE_SIZE, after }, { signal: ctx.signal });
+      body.append(...page.data.map(modelRow));
+      if (after === null && page.data.length === 0) {
+        body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No models.")));
+      }
+      after = page.last_id ?? after;
+      more.hidden = !page.has_more;
+    } catch (exc) {
+      if (exc.name !== "AbortError") replace(message, notice("error", exc.message));
+    } finally {
+      more.disabled = false;
+    }
+  };
+  more.addEventListener("click", load);
+  await load();
+}

@@ -1,0 +1,280 @@
+"""The web dashboard in a real browser (headless chromium, driven by selenium) against a real stack: sign in with a
+key (Enter submits), the jobs list with its filters in the address, a finished training job's page with a loss
+chart of as many points as the job has metrics, a failed job's error, a generate job's results, a job followed live
+until it ends, the files and models pages, reloads and bookmarks that keep the session, and signing out.
+
+`UPDATE_SCREENSHOT=1` also saves the finished training job's page as docs/dashboard-job.png (the README shows it);
+without it the test writes nothing into the tree.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.api.test_models import checkpoint, tar_bytes
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import Api, Stack, corpus_file
+from tests.e2e.test_jobs_run import every, finished, wait_for
+
+from .conftest import Browser
+
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
+WAIT = 60  # seconds: generous, the machine may be busy
+JOB_TIMEOUT = 300
+SCREENSHOT = REPO_ROOT / "docs" / "dashboard-job.png"
+
+
+def train_body(file_id: str, steps: int) -> dict[str, Any]:
+    return {"type": "train", "training_file": file_id, "model": TINY_MODEL, "seed": 7, "suffix": "web",
+            "hyperparameters": {"max_steps": steps, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 10,
+                                "checkpoint_every": 10, "sample_every": 15}}
+
+
+def submit(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def loss_points(api: Api, job_id: str) -> int:
+    """Rows of GET /v1/jobs/{id}/metrics with a training loss: what the chart must plot."""
+    rows, after = [], None
+    while True:
+        page = api.get(f"/v1/jobs/{job_id}/metrics", params={} if after is None else {"after": after})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        rows += body["data"]
+        if not body["has_more"] or not body["data"]:
+            break
+        after = body["data"][-1]["step"]
+    return sum(row["train_loss"] is not None for row in rows)
+
+
+@pytest.fixture(scope="module")
+def jobs(stack: Stack, api: Api, tmp_path_factory) -> dict[str, Any]:
+    """A finished training job, a generate job on its model, and a generate job that failed (its model's files
+    were removed from the server's disk)."""
+    folder = tmp_path_factory.mktemp("web-data")
+    path = corpus_file(folder)
+    with path.open("rb") as text:
+        uploaded = api.post("/v1/files", files={"file": (path.name, text)}, data={"purpose": "train"})
+    assert uploaded.status_code == 201, uploaded.text
+    file_id = uploaded.json()["id"]
+
+    train, _ = finished(api, submit(api, train_body(file_id, 30))["id"], JOB_TIMEOUT)
+    model_id = train["result"]["model"]
+    generate, _ = finished(api, submit(api, {"type": "generate", "model": model_id, "prompts": ["Hello", "The cat"],
+                                             "sampling": {"max_new_tokens": 8, "seed": 1}})["id"], JOB_TIMEOUT)
+
+    imported = api.post("/v1/models", files={"file": ("doomed.tar.gz", tar_bytes(checkpoint()))})
+    assert imported.status_code == 201, imported.text
+    doomed = imported.json()["id"]
+    for config in Path(stack.environment["GPT2JOBS_VAR_DIR"]).rglob("config.json"):
+        if doomed in str(config):
+            config.unlink()
+    failed, _ = wait_for(api, submit(api, {"type": "generate", "model": doomed, "prompts": ["A"],
+                                           "sampling": {"max_new_tokens": 4}})["id"],
+                         lambda j: j["status"] in ("succeeded", "failed", "cancelled"), JOB_TIMEOUT)
+    assert failed["status"] == "failed" and failed["error"]["message"], failed
+    return {"file": file_id, "train": train, "model": model_id, "generate": generate, "failed": failed}
+
+
+# --- browser helpers -----------------------------------------------------------------------------------------------
+
+
+def wait(browser: Browser, condition: Callable[[Any], Any], message: str, timeout: float = WAIT) -> Any:
+    try:
+        return WebDriverWait(browser.driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+    except Exception as exc:
+        logs = browser_log(browser)
+        raise AssertionError(f"{message} (at {browser.driver.current_url})\nbrowser console:\n{logs}") from exc
+
+
+def browser_log(browser: Browser) -> str:
+    try:
+        return "\n".join(entry["message"] for entry in browser.driver.get_log("browser"))
+    except Exception:  # not every driver keeps a console log
+        return "(no console log)"
+
+
+def by_testid(testid: str) -> tuple[str, str]:
+    return By.CSS_SELECTOR, f'[data-testid="{testid}"]'
+
+
+def find(browser: Browser, testid: str) -> WebElement:
+    return wait(browser, lambda d: d.find_element(*by_testid(testid)), f"no element data-testid={testid}")
+
+
+def visible_text(browser: Browser, testid: str, needle: str) -> WebElement:
+    def shows(driver):
+        element = driver.find_element(*by_testid(testid))
+        return element if needle in element.text else False
+
+    return wait(browser, shows, f"data-testid={testid} never showed {needle!r}")
+
+
+def sign_in(browser: Browser, key: str, path: str = "/") -> None:
+    browser.driver.get(browser.base_url + path)
+    field = find(browser, "api-key")
+    field.clear()
+    field.send_keys(key, Keys.ENTER)
+    wait(browser, lambda d: not d.find_elements(*by_testid("api-key")), "still on the sign-in form")
+
+
+def signed_in(browser: Browser, api: Api, path: str) -> None:
+    """Open `path`, signing in first if this tab has no key."""
+    browser.driver.get(browser.base_url + path)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "main h1"), "the page never rendered")
+    if browser.driver.find_elements(*by_testid("api-key")):
+        sign_in(browser, api.key, path)  # type: ignore[attr-defined]
+
+
+def chart_points(browser: Browser, expected: int) -> WebElement:
+    def plotted(driver):
+        chart = driver.find_element(*by_testid("loss-chart"))
+        return chart if chart.get_attribute("data-points") == str(expected) else False
+
+    return wait(browser, plotted, f"the loss chart never had {expected} points")
+
+
+def job_row_ids(browser: Browser) -> list[str]:
+    rows = browser.driver.find_elements(By.CSS_SELECTOR, '[data-testid="jobs-table"] tbody tr[data-job-id]')
+    return [row.get_attribute("data-job-id") for row in rows]
+
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+
+
+def test_sign_in_then_open_a_finished_training_job_from_the_list(browser: Browser, api: Api, jobs: dict[str, Any]):
+    driver = browser.driver
+    driver.get(browser.base_url + "/")
+    field = find(browser, "api-key")
+    field.send_keys("sk-not-a-key", Keys.ENTER)
+    visible_text(browser, "sign-in-error", "not valid")  # the API's own message for a 401
+    assert driver.find_elements(*by_testid("api-key"))
+
+    field = find(browser, "api-key")
+    field.clear()
+    field.send_keys(api.key, Keys.ENTER)  # type: ignore[attr-defined]
+    train, generate, failed = jobs["train"], jobs["generate"], jobs["failed"]
+    wait(browser, lambda d: set(job_row_ids(browser)) >= {train["id"], generate["id"], failed["id"]},
+         "the jobs list never showed the three jobs")
+    assert driver.current_url == browser.base_url + "/jobs"
+    row = driver.find_element(By.CSS_SELECTOR, f'tr[data-job-id="{train["id"]}"]')
+    assert "train" in row.text and "succeeded" in row.text and "step 30/30" in row.text
+    assert "failed" in driver.find_element(By.CSS_SELECTOR, f'tr[data-job-id="{failed["id"]}"]').text
+
+    row.find_element(By.CSS_SELECTOR, "a").click()
+    wait(browser, lambda d: d.current_url == f"{browser.base_url}/jobs/{train['id']}", "the link did not open the job")
+    expected = loss_points(api, train["id"])
+    assert expected > 0
+    chart_points(browser, expected)
+    visible_text(browser, "job-summary", "succeeded")
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="job-checkpoints"] tbody tr'),
+             "no checkpoints shown")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(SCREENSHOT))
+
+
+def test_a_bookmarked_job_page_shows_chart_parameters_checkpoints_events_and_samples(
+        browser: Browser, api: Api, jobs: dict[str, Any]):
+    train = jobs["train"]
+    signed_in(browser, api, f"/jobs/{train['id']}")
+    chart_points(browser, loss_points(api, train["id"]))
+    parameters = find(browser, "job-parameters")
+    wait(browser, lambda d: "hyperparameters.max_steps" in parameters.text, "no parameters")
+    assert "hyperparameters.eval_every" in parameters.text and "n_layer 1" in parameters.text
+    checkpoints = [c["step"] for c in api.get(f"/v1/jobs/{train['id']}/checkpoints").json()["data"]]
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="job-checkpoints"] tbody tr'))
+         == len(checkpoints), f"the checkpoints table never had {len(checkpoints)} rows")
+    events = [e for e in every(api, f"/v1/jobs/{train['id']}/events") if e["type"] == "message"]
+    visible_text(browser, "job-events", events[-1]["message"])
+    visible_text(browser, "job-result", train["result"]["model"])
+    samples = [e for e in events if (e["data"] or {}).get("samples")]
+    assert samples, "sample_every produced no samples"
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="job-samples"] .sample-group'))
+         == len(samples), "not every samples event is shown")
+
+    # A reload keeps the session (sessionStorage) and the page.
+    browser.driver.refresh()
+    chart_points(browser, loss_points(api, train["id"]))
+    assert not browser.driver.find_elements(*by_testid("api-key"))
+
+
+def test_a_failed_job_shows_its_error(browser: Browser, api: Api, jobs: dict[str, Any]):
+    failed = jobs["failed"]
+    signed_in(browser, api, f"/jobs/{failed['id']}")
+    box = visible_text(browser, "job-error", failed["error"]["message"])
+    assert failed["error"]["code"] in box.text
+    assert find(browser, "job-summary").text.count("failed") >= 1
+
+
+def test_a_generate_job_shows_progress_and_results(browser: Browser, api: Api, jobs: dict[str, Any]):
+    generate = jobs["generate"]
+    signed_in(browser, api, f"/jobs/{generate['id']}")
+    visible_text(browser, "job-progress", "2/2 prompts")
+    results = api.get(f"/v1/jobs/{generate['id']}/results").json()["data"]
+    table = visible_text(browser, "job-results", "The cat")
+    rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) == 2
+    assert results[0]["completions"][0]["text"].strip()[:5] in rows[0].text
+    assert not browser.driver.find_elements(*by_testid("loss-chart"))
+
+
+def test_filters_are_kept_in_the_address(browser: Browser, api: Api, jobs: dict[str, Any]):
+    signed_in(browser, api, "/jobs?type=generate")
+    want = {jobs["generate"]["id"], jobs["failed"]["id"]}
+    wait(browser, lambda d: set(job_row_ids(browser)) == want, "type=generate did not filter the list")
+    Select(find(browser, "filter-status")).select_by_value("failed")
+    wait(browser, lambda d: "status=failed" in d.current_url and job_row_ids(browser) == [jobs["failed"]["id"]],
+         "the status filter did not apply or did not reach the address")
+    assert "type=generate" in browser.driver.current_url
+    browser.driver.back()
+    wait(browser, lambda d: set(job_row_ids(browser)) == want, "back did not restore the previous filter")
+
+
+def test_files_and_models_pages(browser: Browser, api: Api, jobs: dict[str, Any]):
+    signed_in(browser, api, "/files")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-file-id="{jobs["file"]}"]'),
+         "the uploaded file is not listed")
+    browser.driver.find_element(By.CSS_SELECTOR, 'nav a[data-nav="models"]').click()
+    row = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-model-id="{jobs["model"]}"]'),
+               "the trained model is not listed")
+    assert browser.driver.current_url == browser.base_url + "/models"
+    assert "job" in row.text and jobs["train"]["id"] in row.text
+
+
+def test_a_running_job_is_followed_live_until_it_ends(browser: Browser, api: Api, jobs: dict[str, Any]):
+    """Opened as soon as it is submitted, the page follows the job (through the event stream when the server has
+    one) and ends with every metrics row plotted, without a reload."""
+    job = submit(api, train_body(jobs["file"], 120))
+    signed_in(browser, api, f"/jobs/{job['id']}")
+    finished(api, job["id"], JOB_TIMEOUT)
+    visible_text(browser, "job-summary", "succeeded")
+    chart_points(browser, loss_points(api, job["id"]))
+    streams = api.get(f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}, stream=True)
+    serves_streams = streams.headers.get("Content-Type", "").startswith("text/event-stream")
+    streams.close()
+    mode = find(browser, "live-mode").get_attribute("data-mode")
+    if mode is not None:  # None: the job had ended before the page first read it
+        assert mode == ("stream" if serves_streams else "polling")
+
+
+def test_sign_out_forgets_the_key(browser: Browser, api: Api, jobs: dict[str, Any]):
+    signed_in(browser, api, "/jobs")
+    find(browser, "sign-out").click()
+    find(browser, "api-key")
+    assert browser.driver.execute_script("return window.sessionStorage.length") == 0
+    browser.driver.get(browser.base_url + f"/jobs/{jobs['train']['id']}")
+    find(browser, "api-key")  # a bookmark asks for the key again
