@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo.local import Client, LocalPlatform  # noqa: E402
+from demo.local import LocalPlatform  # noqa: E402
+from gpt2jobs_client import Client  # noqa: E402
 from gpt2core import GPT2, GPT2Config, GPT2Tokenizer, SamplingParams, generate  # noqa: E402
 from workers.generation import item_seed  # noqa: E402
 
@@ -59,19 +60,11 @@ def direct(model: GPT2, texts: list[str], sampling: dict) -> tuple[float, int]:
 
 def through_platform(api: Client, model_id: str, texts: list[str], sampling: dict) -> tuple[float, int]:
     start = time.perf_counter()
-    job = api.call("POST", "/v1/jobs", json={"type": "generate", "model": model_id, "prompts": texts,
-                                               "sampling": {**sampling, "seed": SEED}})
-    job = api.wait(job, quiet=True)
+    job = api.jobs.create(type="generate", model=model_id, prompts=texts, sampling={**sampling, "seed": SEED})
+    job = api.jobs.wait(job.id, poll_interval=0.25)
     elapsed = time.perf_counter() - start
-    assert job["progress"]["completed"] == len(texts), job["progress"]
-    tokens, after = 0, None
-    while True:
-        params = {"limit": 100, **({"after": after} if after is not None else {})}
-        page = api.call("GET", f"/v1/jobs/{job['id']}/results", params=params)
-        tokens += sum(r["usage"].get("completion_tokens", 0) for r in page["data"])
-        if not page["has_more"]:
-            return elapsed, tokens
-        after = page["last_id"]
+    assert job.progress["completed"] == len(texts), job.progress
+    return elapsed, sum((r.usage or {}).get("completion_tokens", 0) for r in api.jobs.results(job.id))
 
 
 def main() -> None:
@@ -99,12 +92,13 @@ def main() -> None:
         with LocalPlatform(var, workers=args.workers, env={"MAX_INLINE_PROMPTS": str(len(texts))}) as local:
             key = local.run("flask", "--app", "api", "keys", "create", "--owner", "bench").strip().splitlines()[-1]
             api = Client(local.url, key)
-            imported = api.call("POST", "/v1/models", files={"file": ("model.tar.gz", archive(model_dir))},
-                                data={"name": "bench"})
+            model_archive = Path(scratch) / "model.tar.gz"
+            model_archive.write_bytes(archive(model_dir))
+            imported = api.models.upload(model_archive, name="bench")
             runs: dict[str, list[tuple[float, int]]] = {"direct": [], "platform": []}
             for repeat in range(args.repeats):
                 runs["direct"].append(direct(model, texts, sampling))
-                runs["platform"].append(through_platform(api, imported["id"], texts, sampling))
+                runs["platform"].append(through_platform(api, imported.id, texts, sampling))
                 for name, (seconds, tokens) in ((k, v[-1]) for k, v in runs.items()):
                     print(f"run {repeat + 1} {name:8s}: {tokens:,} tokens in {seconds:.1f} s = "
                           f"{tokens / seconds:,.0f} tok/s", flush=True)

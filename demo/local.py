@@ -1,8 +1,9 @@
-"""The platform on this machine: the API (gunicorn) and workers (celery) as child processes on the settings in
-the environment (by default the embedded SQLite and filesystem broker under ./var), and a small REST client."""
+"""The platform on this machine: the API (gunicorn) and workers (celery) as child processes, each in a process
+group of its own, on the settings in `env` (by default the embedded SQLite and filesystem broker under the var
+folder). Start-up waits for the API however slow the machine is (up to `start_timeout`) and stops whatever it
+started if anything fails; stop() ends every process it started, whatever state they are in."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,15 +12,27 @@ import sys
 import time
 from pathlib import Path
 
-import requests
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 300.0  # seconds the API may take to answer /readyz on a busy machine
+STOP_TIMEOUT = 30.0  # seconds a process gets to end after SIGTERM before its process group is killed
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class StartError(RuntimeError):
+    """The platform did not come up; the message says why and where the logs are."""
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` if nothing listens there on 127.0.0.1, else a free port the system picks."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError("no free port")
 
 
 def console_script(name: str) -> str:
@@ -29,99 +42,90 @@ def console_script(name: str) -> str:
 
 
 class LocalPlatform:
-    """The API and `workers` worker processes as children, stopped (warm shutdown) on exit. `env` overrides
-    settings (e.g. DATABASE_URL, BROKER_URL)."""
+    """The API and `workers` worker processes as children: `with LocalPlatform(var) as platform: ...` starts them
+    and stops them on the way out (also on an exception or Ctrl-C). `env` overrides settings (DATABASE_URL,
+    BROKER_URL, ...; None unsets one); `port` is used if free."""
 
-    def __init__(self, var: Path, workers: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, var: Path, workers: int = 1, env: dict[str, str | None] | None = None,
+                 port: int | None = None, start_timeout: float = START_TIMEOUT):
         self.var = var
         self.workers = workers
-        self.env = {**os.environ, "GPT2JOBS_VAR_DIR": str(var), "PYTHONUNBUFFERED": "1", **(env or {})}
+        merged = {**os.environ, "GPT2JOBS_VAR_DIR": str(var), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {name: value for name, value in merged.items() if value is not None}  # None: unset
         self.logs = var / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.processes: list[subprocess.Popen] = []
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.url = f"http://127.0.0.1:{free_port(port)}"
+        self.start_timeout = start_timeout
 
     def run(self, *argv: str) -> str:
+        """A one-shot command (alembic, flask) in the platform's environment; its output, StartError if it fails."""
         done = subprocess.run([console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, capture_output=True,
                               text=True)
         if done.returncode != 0:
-            sys.exit(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+            raise StartError(f"`{' '.join(argv)}` failed:\n{done.stdout}{done.stderr}")
         return done.stdout
 
-    def start(self, name: str, *argv: str) -> None:
-        log = (self.logs / f"{name}.log").open("w")
-        self.processes.append(subprocess.Popen([console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    def spawn(self, name: str, *argv: str) -> None:
+        with (self.logs / f"{name}.log").open("w") as log:
+            self.processes[name] = subprocess.Popen(
+                [console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C reaches us, not them: we stop them
 
-    def __enter__(self) -> "LocalPlatform":
-        self.run("alembic", "upgrade", "head")
-        self.start("api", "gunicorn", "--bind", self.url.removeprefix("http://"), "--workers", "2", "api:create_app()")
-        for n in range(self.workers):
-            self.start(f"worker{n + 1}", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--queues",
-                       "train,generate", "--concurrency", "1", "--hostname", f"worker{n + 1}@%h")
-        for _ in range(300):
+    def start(self) -> "LocalPlatform":
+        """Migrate, start the API and the workers, and wait until the API answers /readyz; StartError (with
+        everything started stopped again) if a process exits or the API does not answer within start_timeout."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run("alembic", "upgrade", "head")
+            # gunicorn.conf.py (read from ROOT) sets the worker class and threads.
+            self.spawn("api", "gunicorn", "--bind", self.url.removeprefix("http://"), "api:create_app()")
+            for n in range(self.workers):
+                self.spawn(f"worker{n + 1}", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--queues",
+                           "train,generate", "--concurrency", "1", "--hostname", f"worker{n + 1}@%h")
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            exited = [name for name, process in self.processes.items() if process.poll() is not None]
+            if exited:
+                raise StartError(f"{', '.join(exited)} exited while starting; see {self.logs}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
+                patience = min(10.0, max(deadline - time.monotonic(), 0.05))  # no try outlives the deadline
+                if httpx.get(f"{self.url}/readyz", timeout=patience).status_code == 200:
+                    return
+            except httpx.HTTPError:  # not listening yet, too busy to answer in time, or a reset: all mean wait
                 pass
-            if any(p.poll() is not None for p in self.processes):
-                break
-            time.sleep(0.2)
-        self.__exit__()
-        sys.exit(f"the platform did not start; see {self.logs}")
+            if time.monotonic() > deadline:
+                raise StartError(f"the API did not answer {self.url}/readyz within {self.start_timeout:.0f} s; "
+                                 f"see {self.logs}")
+            time.sleep(0.5)
 
-    def __exit__(self, *exc_info) -> None:
-        for process in self.processes:  # the main processes only: a warm shutdown lets a task finish cleanly
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM to every process started (a worker's warm shutdown hands its task back), then SIGKILL to the
+        process group of any still there after `timeout` seconds, and to what is left of every group."""
+        for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes:
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
             try:
-                os.killpg(process.pid, signal.SIGKILL)  # anything left of its process group
-            except ProcessLookupError:
+                os.killpg(process.pid, signal.SIGKILL)  # the process group: pool children included
+            except (ProcessLookupError, PermissionError):
                 pass
+            process.wait()
+        self.processes.clear()
 
+    def __enter__(self) -> "LocalPlatform":
+        return self.start()
 
-class Client(requests.Session):
-    def __init__(self, url: str, key: str):
-        super().__init__()
-        self.url = url
-        self.headers["Authorization"] = f"Bearer {key}"
-
-    def call(self, method: str, path: str, **kwargs) -> dict:
-        response = self.request(method, self.url + path, timeout=60, **kwargs)
-        if response.status_code >= 400:
-            sys.exit(f"{method} {path} -> {response.status_code}: {response.text}")
-        return response.json()
-
-    def upload(self, path: Path, purpose: str) -> dict:
-        with path.open("rb") as handle:
-            return self.call("POST", "/v1/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
-
-    def wait(self, job: dict, quiet: bool = False) -> dict:
-        """Poll the job until it ends, printing its progress and new events (unless quiet)."""
-        seen_event, seen_step = None, None
-        while True:
-            job = self.call("GET", f"/v1/jobs/{job['id']}")
-            if not quiet:
-                events = self.call("GET", f"/v1/jobs/{job['id']}/events",
-                                   params={"limit": 100, **({"after": seen_event} if seen_event else {})})
-                for event in events["data"]:
-                    seen_event = event["id"]
-                    if event["type"] == "message" or "val_loss" in (event["data"] or {}):
-                        print(f"  [{job['type']}] {event['message']}", flush=True)
-            progress = job["progress"]
-            if not quiet and job["type"] != "generate" and progress.get("step") not in (None, 0, seen_step):
-                seen_step = progress["step"]
-                print(f"  [{job['type']}] step {progress['step']}/{progress['total_steps']}  loss {progress['loss']}"
-                      f"  {progress['tokens_per_second'] or 0:,.0f} tok/s  eta {progress['eta_seconds']} s",
-                      flush=True)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] != "succeeded":
-                    sys.exit(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
-                return job
-            time.sleep(0.25 if quiet else 2)
+    def __exit__(self, *exc_info) -> None:
+        self.stop()

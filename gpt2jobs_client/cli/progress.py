@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import click
@@ -9,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from ..client import Client
-from ..types import Job
+from ..jobs import MAX_EVENT_ID
+from ..types import Event, Job
 from . import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 
 #: Weight of the newest rate in the moving average of seconds per step (or per prompt).
@@ -87,30 +89,43 @@ def report_end(job: Job) -> int:
     return EXIT_FAILED
 
 
-def follow(client: Client, job_id: str, live: bool = True, poll_interval: float = POLL_INTERVAL) -> tuple[Job, int]:
-    """Poll the job until it has finished, showing its progress on stderr; the finished job and its exit code.
-    The live bar needs `live` and a terminal; otherwise a plain line is printed per change."""
+def event_line(event: Event) -> str | None:
+    """What `follow(events=True)` prints of an event: messages and evaluations (not every step's metrics)."""
+    if event.type == "metrics" and "val_loss" not in (event.data or {}):
+        return None
+    return f"{event.level}: {event.message}" if event.level != "info" else event.message
+
+
+def follow(client: Client, job_id: str, live: bool = True, events: bool = False,
+           poll_interval: float = POLL_INTERVAL) -> tuple[Job, int]:
+    """Follow the job to its end (the API's live event stream), showing its progress on stderr and, with
+    `events`, its messages and evaluations above it; the finished job and its exit code. The live bar needs `live`
+    and a terminal; otherwise a plain line is printed per change."""
     console = Console(stderr=True)
     tracker = Tracker()
-    if not (live and console.is_terminal):
-        def plain(job: Job) -> None:
-            console.print(line(job, *tracker.describe(job)), markup=False, highlight=False, soft_wrap=True)
-
-        job = client.jobs.wait(job_id, on_progress=plain, poll_interval=poll_interval)
-        return job, report_end(job)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[details]}"))
-    with Progress(*columns, console=console) as bar:
-        task: TaskID | None = None
-
-        def update(job: Job) -> None:
-            nonlocal task
+    bar: Progress | None = None
+    task: TaskID | None = None
+    if live and console.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[details]}"))
+        bar = Progress(*columns, console=console)
+    job: Job | None = None
+    with bar or nullcontext():
+        for item in client.jobs.stream(job_id, after=None if events else MAX_EVENT_ID, poll_interval=poll_interval):
+            if isinstance(item, Event):
+                text = event_line(item)
+                if text is not None:
+                    console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
+                continue
+            job = item
             done, total, details = tracker.describe(job)
-            description = f"{job.id} {job.status}"
-            if task is None:
-                task = bar.add_task(description, total=total, completed=done, details=details)
+            if bar is None:
+                console.print(line(job, done, total, details), markup=False, highlight=False, soft_wrap=True)
+            elif task is None:
+                task = bar.add_task(f"{job.id} {job.status}", total=total, completed=done, details=details)
             else:
-                bar.update(task, description=description, total=total, completed=done, details=details)
-
-        job = client.jobs.wait(job_id, on_progress=update, poll_interval=poll_interval)
+                bar.update(task, description=f"{job.id} {job.status}", total=total, completed=done, details=details)
+            if job.is_terminal:
+                break
+    assert job is not None and job.is_terminal
     return job, report_end(job)

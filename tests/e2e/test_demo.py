@@ -1,0 +1,123 @@
+"""`python -m demo` as a user runs it: Ctrl-C in the middle of training cancels its jobs and stops every process it
+started, and a rerun starts from nothing. (The whole demo runs in CI as README's first command does.)"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO_ROOT, service_env
+
+STARTUP_TIMEOUT = 300
+
+
+def processes_with(var: Path) -> list[int]:
+    """Live processes started with GPT2JOBS_VAR_DIR=<var>/demo (the demo's API and worker and their children)."""
+    marker = f"GPT2JOBS_VAR_DIR={var / 'demo'}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "status").read_text()
+                if "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def start_demo(var: Path, *args: str) -> subprocess.Popen:
+    env = service_env({"GPT2JOBS_VAR_DIR": str(var)})
+    return subprocess.Popen([sys.executable, "-m", "demo", "--port", "0", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(process: subprocess.Popen, text: str, timeout: float) -> str:
+    assert process.stdout is not None
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
+
+
+def jobs_in(var: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(var / "demo" / "gpt2jobs.db") as db:
+        return db.execute("SELECT type, status FROM jobs ORDER BY created_at").fetchall()
+
+
+def test_ctrl_c_cancels_the_demos_jobs_and_stops_its_processes_and_a_rerun_starts_clean(tmp_path):
+    demo = start_demo(tmp_path, "--steps", "5000")
+    try:
+        before = read_until(demo, "Training", STARTUP_TIMEOUT)
+        assert "Platform up at http://127.0.0.1:" in before
+        time.sleep(3)  # into the run
+        assert processes_with(tmp_path), "the demo's API and worker run"
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, output
+    assert "Traceback" not in output, output
+    assert "Cancelling the demo's unfinished job" in output and "Stopped" in output, output
+    assert processes_with(tmp_path) == []
+    assert jobs_in(tmp_path) == [("train", "cancelled")]
+
+    # A rerun: a fresh platform, with nothing of the first run's work (interrupted again once it is up).
+    rerun = start_demo(tmp_path, "--steps", "5000")
+    try:
+        read_until(rerun, "Training", STARTUP_TIMEOUT)
+        assert [status for _, status in jobs_in(tmp_path)] in (["queued"], ["running"])
+        rerun.send_signal(signal.SIGINT)
+        output, _ = rerun.communicate(timeout=120)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 130, output
+    assert processes_with(tmp_path) == []
+
+
+def test_a_platform_that_does_not_come_up_is_reported_and_cleaned_up(tmp_path):
+    """A start-up that does not finish in time ends with a message (not a traceback) and leaves nothing running."""
+    env = service_env({"GPT2JOBS_VAR_DIR": str(tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "demo", "--port", "0", "--start-timeout", "0"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "The platform did not start" in output and "Traceback" not in output, output
+    assert processes_with(tmp_path) == []
+
+
+def test_the_demo_runs_to_the_end_and_leaves_a_platform_to_explore(tmp_path):
+    demo = start_demo(tmp_path, "--steps", "20", "--keep-running")
+    try:
+        output = read_until(demo, "press Ctrl-C", STARTUP_TIMEOUT + 600)
+        url = re.search(r"GPT2JOBS_API_URL=(\S+)", output).group(1)
+        key = re.search(r"GPT2JOBS_API_KEY=(\S+)", output).group(1)
+        jobs = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+        assert sorted((j["type"], j["status"]) for j in jobs) == [
+            ("finetune", "succeeded"), ("generate", "succeeded"), ("train", "succeeded")]
+        assert httpx.get(f"{url}/").status_code == 200  # the dashboard the output points to
+        assert output.count(">>> ") == 5  # the generated texts
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, output + rest
+    assert "Traceback" not in rest and "Stopped" in rest, rest
+    assert processes_with(tmp_path) == []
