@@ -14,6 +14,7 @@ from jobs.errors import BrokerUnavailable, Conflict, InvalidInput
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
 from jobs.queue import enqueue
 from jobs.specs import JOB_SPEC
+from jobs.states import TERMINAL
 from jobs.submission import submit_job as submit
 from jobs.models import NAME_LENGTH
 from jobs.readers import parse_json_body
@@ -194,21 +195,28 @@ def generation_job(session, job_id: str) -> Job:
     return job
 
 
+def results_headers(job: Job) -> dict[str, str]:
+    """What a results answer says about its completeness: `Job-Status` (the job's status when it was read) and
+    `Results-Partial: true` while the job can still add results (queued, running, cancelling): the results so
+    far, in input order, with the prompts not done yet missing."""
+    return {"Job-Status": job.status, "Results-Partial": "false" if job.status in TERMINAL else "true"}
+
+
 @jobs.get("/jobs/<job_id>/results")
 def list_results(job_id: str):
-    """Generation results in input order, paged (`after` an index, `limit`)."""
+    """Generation results in input order, paged (`after` an index, `limit`); partial while the job runs."""
     with unit_of_work() as session:
-        generation_job(session, job_id)
+        headers = results_headers(generation_job(session, job_id))
         items, has_more = repository.list_generation_results(session, owner(), job_id, **paging(int))
-        return page(items, has_more, result_object)
+        return page(items, has_more, result_object), 200, headers
 
 
 @jobs.get("/jobs/<job_id>/results.jsonl")
 def stream_results(job_id: str):
-    """Every generation result as JSON lines, in input order, streamed."""
+    """Every generation result as JSON lines, in input order, streamed; partial while the job runs."""
     caller, sessions = owner(), platform().sessions
     with unit_of_work() as session:
-        generation_job(session, job_id)
+        headers = results_headers(generation_job(session, job_id))
 
     def lines() -> Iterator[str]:
         # Runs after the view has returned, outside the app context: only what was captured above.
@@ -226,4 +234,4 @@ def stream_results(job_id: str):
             after = chunk[-1]["index"]
 
     return Response(lines(), content_type="application/x-ndjson; charset=utf-8",
-                    headers={"Content-Disposition": f"attachment; filename={job_id}-results.jsonl"})
+                    headers={"Content-Disposition": f"attachment; filename={job_id}-results.jsonl", **headers})

@@ -180,6 +180,13 @@ IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
     "type": "string", "minLength": 1, "maxLength": NAME_LENGTH, "pattern": IDEMPOTENCY_KEY_PATTERN},
     "description": "Printable ASCII. A retry with the same key and body returns the original job; a different "
                    "body is a 409."}
+RESULTS_HEADERS = {
+    "Job-Status": {"required": True, "description": "The job's status when the results were read.",
+                   "schema": {"enum": list(STATUSES)}},
+    "Results-Partial": {"required": True, "schema": {"enum": ["true", "false"]}, "description":
+                        "true while the job can still add results (queued, running, cancelling): these are the "
+                        "results so far, in input order, the prompts not done yet missing; false once it has ended."},
+}
 FILE_NAME_RULE = (f"The part's file name is required: 1 to {NAME_LENGTH} characters, no control characters or line "
                   "breaks.")
 
@@ -233,9 +240,11 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                               "this API process serves its most streams already (too_many_streams; see Retry-After).",
                               "content": json_response("Error")}}},
     "jobs.list_checkpoints": {"content": json_response("CheckpointList")},
-    "jobs.list_results": {"content": json_response("ResultList"), "parameters": [AFTER_INT, LIMIT]},
+    "jobs.list_results": {"content": json_response("ResultList"), "parameters": [AFTER_INT, LIMIT],
+                          "headers": RESULTS_HEADERS},
     "jobs.stream_results": {"content": {"application/x-ndjson": {"schema": {
-        "type": "string", "description": "One Result object (without id) per line, in input order."}}}},
+        "type": "string", "description": "One Result object (without id) per line, in input order."}}},
+        "headers": RESULTS_HEADERS},
     "models.list_models": {"content": json_response("ModelList"), "parameters": [AFTER_ID, LIMIT]},
     "models.get_model": {"content": json_response("Model")},
     "models.delete_model": {"content": json_response("ModelDeleted")},

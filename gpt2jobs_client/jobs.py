@@ -121,7 +121,8 @@ class Jobs:
         return [Checkpoint.from_api(item) for item in self._t.pages(f"/v1/jobs/{job_id}/checkpoints")]
 
     def results(self, job_id: str) -> Iterator[GenerationResult]:
-        """A generate job's results in input order, streamed from results.jsonl line by line."""
+        """A generate job's results in input order, streamed from results.jsonl line by line. While the job runs
+        these are the results so far (the prompts not done yet are missing; the API says Results-Partial)."""
         with self._t.send("GET", f"/v1/jobs/{job_id}/results.jsonl", stream=True) as response:
             for line in response.iter_lines():
                 if line.strip():

@@ -192,7 +192,12 @@ def jobs_events(ctx: click.Context, job_id: str, follow: bool, as_json: bool) ->
 @click.pass_context
 def jobs_results(ctx: click.Context, job_id: str, output: Path | None, as_json: bool) -> None:
     """Write a generate job's results as JSONL, one object per prompt, in input order (JSON with or without --json)."""
-    results = state(ctx).client.jobs.results(job_id)
+    client = state(ctx).client
+    job = client.jobs.get(job_id)
+    if not job.is_terminal:
+        click.echo(f"warning: job {job_id} is {job.status}: these are its results so far (the API marks them "
+                   "Results-Partial); prompts not done yet are missing", err=True)
+    results = client.jobs.results(job_id)
     if output is None:
         for result in results:
             sys.stdout.write(json.dumps(result.raw) + "\n")

@@ -472,10 +472,23 @@ def test_results_jsonl_streams_every_result_in_order(helper, auth, generate_job,
     assert lines[0]["custom_id"] == "c0" and lines[0]["completions"][0]["text"] == " completion 0"
 
 
-def test_results_of_a_job_without_results_are_empty(helper, auth):
-    job = helper.generate_job(auth)
-    assert helper.client.get(f"/v1/jobs/{job['id']}/results", headers=auth).json["data"] == []
-    assert helper.client.get(f"/v1/jobs/{job['id']}/results.jsonl", headers=auth).data == b""
+def test_results_of_an_unfinished_job_say_they_are_partial(helper, auth):
+    job = helper.generate_job(auth, prompts=[f"prompt {i}" for i in range(4)])
+    added: set[int] = set()
+    for status, done, partial in (("queued", [], "true"), ("running", [2, 0], "true"),
+                                  ("succeeded", [2, 0, 1, 3], "false")):
+        if status != "queued":
+            helper.set_status(job["id"], status)
+        helper.add_results(job["id"], [i for i in done if i not in added])
+        added.update(done)
+        for suffix in ("results", "results.jsonl"):
+            response = helper.client.get(f"/v1/jobs/{job['id']}/{suffix}", headers=auth)
+            assert response.status_code == 200
+            assert (response.headers["Job-Status"], response.headers["Results-Partial"]) == (status, partial)
+            if suffix == "results":
+                assert [r["index"] for r in response.json["data"]] == sorted(done)  # the results so far, in order
+            else:
+                assert [json.loads(line)["index"] for line in response.data.decode().splitlines()] == sorted(done)
 
 
 def test_a_train_job_has_no_results(helper, auth):
