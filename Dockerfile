@@ -36,4 +36,4 @@ RUN pip install /app \
 # A named volume mounted on /data/artifacts starts out owned by app (Docker copies the image's ownership).
 USER app
 EXPOSE 8000 5555
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "api:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "api:create_app()"]

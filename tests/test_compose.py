@@ -105,7 +105,10 @@ def test_api_command(compose):
     assert argv[0] == "gunicorn"
     assert argv[-1] == "api:create_app()"
     assert _option(argv, "--bind", "-b") == "0.0.0.0:8000"
-    assert _option(argv, "--workers", "-w") == "2"
+    # Workers, worker class and threads come from gunicorn.conf.py (WEB_WORKERS, EVENT_STREAMS, REQUEST_THREADS):
+    # an option here would override them and the settings would not take effect.
+    for option in ("--workers", "-w", "--threads", "--worker-class", "-k", "--config", "-c"):
+        assert option not in argv, option
     assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "redis" in api["depends_on"]
 
@@ -185,3 +188,19 @@ def test_prometheus_scrapes_the_api_s_metrics_route(compose, tmp_path):
                                         "BROKER_URL": "memory://"}))
     routes = {rule.rule: rule.endpoint for rule in app.url_map.iter_rules()}
     assert routes[job["metrics_path"]] == "monitoring.metrics"
+
+
+def test_gunicorn_conf_sizes_threads_for_event_streams(monkeypatch, tmp_path):
+    """gunicorn.conf.py (read from the working directory by every launcher): gthread workers with a thread per
+    live event stream plus REQUEST_THREADS for plain requests."""
+    import runpy
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # else the file would make one in this process
+    monkeypatch.setenv("EVENT_STREAMS", "5")
+    monkeypatch.setenv("REQUEST_THREADS", "3")
+    monkeypatch.setenv("WEB_WORKERS", "4")
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert (conf["worker_class"], conf["threads"], conf["workers"]) == ("gthread", 8, 4)
+    monkeypatch.setenv("REQUEST_THREADS", "0")
+    with pytest.raises(ValueError, match="REQUEST_THREADS"):
+        runpy.run_path(str(ROOT / "gunicorn.conf.py"))
