@@ -59,50 +59,8 @@ def jobs_in(var: Path) -> list[tuple[str, str]]:
         return db.execute("SELECT type, status FROM jobs ORDER BY created_at").fetchall()
 
 
-def test_ctrl_c_cancels_the_demos_jobs_and_stops_its_processes_and_a_rerun_starts_clean(tmp_path):
-    demo = start_demo(tmp_path, "--steps", "5000")
-    try:
-        before = read_until(demo, "Training", STARTUP_TIMEOUT)
-        assert "Platform up at http://127.0.0.1:" in before
-        time.sleep(3)  # into the run
-        assert processes_with(tmp_path), "the demo's API and worker run"
-        demo.send_signal(signal.SIGINT)
-        output, _ = demo.communicate(timeout=120)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-    assert demo.returncode == 130, output
-    assert "Traceback" not in output, output
-    assert "Cancelling the demo's unfinished job" in output and "Stopped" in output, output
-    assert processes_with(tmp_path) == []
-    assert jobs_in(tmp_path) == [("train", "cancelled")]
-
-    # A rerun: a fresh platform, with nothing of the first run's work (interrupted again once it is up).
-    rerun = start_demo(tmp_path, "--steps", "5000")
-    try:
-        read_until(rerun, "Training", STARTUP_TIMEOUT)
-        assert [status for _, status in jobs_in(tmp_path)] in (["queued"], ["running"])
-        rerun.send_signal(signal.SIGINT)
-        output, _ = rerun.communicate(timeout=120)
-    finally:
-        if rerun.poll() is None:
-            rerun.kill()
-    assert rerun.returncode == 130, output
-    assert processes_with(tmp_path) == []
-
-
-def test_a_platform_that_does_not_come_up_is_reported_and_cleaned_up(tmp_path):
-    """A start-up that does not finish in time ends with a message (not a traceback) and leaves nothing running."""
-    env = service_env({"GPT2JOBS_VAR_DIR": str(tmp_path)})
-    done = subprocess.run([sys.executable, "-m", "demo", "--port", "0", "--start-timeout", "0"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 1, output
-    assert "The platform did not start" in output and "Traceback" not in output, output
-    assert processes_with(tmp_path) == []
-
-
-def test_the_demo_runs_to_the_end_and_leaves_a_platform_to_explore(tmp_path):
+def test_the_demo_runs_to_the_end_then_ctrl_c_cancels_a_rerun_that_starts_clean(tmp_path):
+    # A whole run, left running for exploring: what it prints works.
     demo = start_demo(tmp_path, "--steps", "20", "--keep-running")
     try:
         output = read_until(demo, "press Ctrl-C", STARTUP_TIMEOUT + 600)
@@ -120,4 +78,35 @@ def test_the_demo_runs_to_the_end_and_leaves_a_platform_to_explore(tmp_path):
             demo.kill()
     assert demo.returncode == 0, output + rest
     assert "Traceback" not in rest and "Stopped" in rest, rest
+    assert processes_with(tmp_path) == []
+
+    # A rerun starts from nothing (none of the first run's three jobs), and Ctrl-C in the middle of its training
+    # cancels the job through the API and stops every process.
+    rerun = start_demo(tmp_path, "--steps", "5000")
+    try:
+        before = read_until(rerun, "Training", STARTUP_TIMEOUT)
+        assert "Platform up at http://127.0.0.1:" in before
+        assert [status for _, status in jobs_in(tmp_path)] in (["queued"], ["running"])
+        time.sleep(3)  # into the run
+        assert processes_with(tmp_path), "the demo's API and worker run"
+        rerun.send_signal(signal.SIGINT)
+        output, _ = rerun.communicate(timeout=120)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 130, output
+    assert "Traceback" not in output, output
+    assert "Cancelling the demo's unfinished job" in output and "Stopped" in output, output
+    assert processes_with(tmp_path) == []
+    assert jobs_in(tmp_path) == [("train", "cancelled")]
+
+
+def test_a_platform_that_does_not_come_up_is_reported_and_cleaned_up(tmp_path):
+    """A start-up that does not finish in time ends with a message (not a traceback) and leaves nothing running."""
+    env = service_env({"GPT2JOBS_VAR_DIR": str(tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "demo", "--port", "0", "--start-timeout", "0"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "The platform did not start" in output and "Traceback" not in output, output
     assert processes_with(tmp_path) == []
