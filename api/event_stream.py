@@ -76,9 +76,9 @@ class StreamSlots:
 
 
 def message(data: dict[str, Any], event: str | None = None, id: int | None = None) -> str:
-    """One SSE message. JSON has no raw line breaks, so `data` is one line."""
+    """One SSE message. JSON has no raw line breaks, so `data` is one line; keys sorted, as the JSON routes'."""
     head = (f"id: {id}\n" if id is not None else "") + (f"event: {event}\n" if event is not None else "")
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, sort_keys=True)}\n\n"
 
 
 def changed(before: dict[str, Any], after: dict[str, Any]) -> bool:

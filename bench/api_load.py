@@ -8,7 +8,7 @@ Half of the N logical submissions carry an `Idempotency-Key` (unique to the subm
 the two sends are adjacent in the clients' shared work list, so two clients send them at about the same moment
 and they race each other through the API (the case in which a duplicate row could appear). N submissions are
 therefore 1.5 N requests; the healthz phase sends as many. Every client is a thread with its own connection
-(http.client, reconnecting whenever the server closes it: gunicorn's sync workers close after every response),
+(http.client, reconnecting whenever the server closes it),
 sending its next request as soon as the previous answer is read (a closed loop: M requests are always in flight).
 The two phases are interleaved (`--repeats`, default 3) and the best of each is compared.
 

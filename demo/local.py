@@ -35,6 +35,16 @@ def free_port(preferred: int | None = None) -> int:
     raise OSError("no free port")
 
 
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so no
+    API or worker outlives a demo that could not stop them itself."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def console_script(name: str) -> str:
     """A console script (gunicorn, celery, alembic, flask) from this interpreter's environment, if it is there."""
     script = Path(sys.executable).parent / name
@@ -69,7 +79,8 @@ class LocalPlatform:
         with (self.logs / f"{name}.log").open("w") as log:
             self.processes[name] = subprocess.Popen(
                 [console_script(argv[0]), *argv[1:]], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C reaches us, not them: we stop them
+                stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us, not them: we stop them
+                preexec_fn=die_with_parent)
 
     def start(self) -> "LocalPlatform":
         """Migrate, start the API and the workers, and wait until the API answers /readyz; StartError (with

@@ -64,7 +64,8 @@ class JobStats:
 
 def seconds_between(session: Session, start: InstrumentedAttribute[Any], end: InstrumentedAttribute[Any]) -> ColumnElement[float]:
     """SQL for the seconds from `start` to `end` (timestamp columns), never negative (clocks of the API and the
-    workers may differ by a little)."""
+    workers may differ by a little). Resolution: microseconds on PostgreSQL, milliseconds on SQLite (what its
+    date functions read of a timestamp)."""
     if session.get_bind().dialect.name == "sqlite":  # naive UTC text, which julianday() reads
         seconds: ColumnElement[float] = (func.julianday(end) - func.julianday(start)) * 86400.0
     else:

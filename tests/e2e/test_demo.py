@@ -110,3 +110,29 @@ def test_a_platform_that_does_not_come_up_is_reported_and_cleaned_up(tmp_path):
     assert done.returncode == 1, output
     assert "The platform did not start" in output and "Traceback" not in output, output
     assert processes_with(tmp_path) == []
+
+
+def test_the_platforms_processes_die_with_a_killed_demo(tmp_path):
+    """Even a demo killed with SIGKILL (no chance to clean up) leaves no process behind: each child it starts is
+    sent SIGTERM by the kernel when the demo dies (PR_SET_PDEATHSIG)."""
+    script = ("import sys, time; from pathlib import Path; from demo.local import LocalPlatform; "
+              "p = LocalPlatform(Path(sys.argv[1])); p.logs.mkdir(parents=True); p.spawn('api', 'sleep', '300'); "
+              "print(p.processes['api'].pid, flush=True); time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "demo")], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}").exists() else ""
+        if "\nState:\tZ" in status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {child} outlived the demo that started it")
