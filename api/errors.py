@@ -44,6 +44,8 @@ def register_error_handlers(app: Flask) -> None:
     def api_error(exc: ApiError):
         response, status = error_response(exc.status, exc.code, exc.message, exc.param)
         response.headers.update(exc.headers)
+        if status == 401:  # RFC 9110: a 401 names the scheme it wants (RFC 6750 for bearer tokens)
+            response.headers.setdefault("WWW-Authenticate", 'Bearer realm="gpt2-jobs"')
         return response, status
 
     @app.errorhandler(DomainError)

@@ -15,7 +15,8 @@ does, which is also how a gone client is noticed.
 Bounds, so watchers cannot take the API: a stream holds one thread of its gunicorn process (gthread workers:
 gunicorn.conf.py), each process serves at most EVENT_STREAMS streams (one more is a 503 `too_many_streams` with
 Retry-After, and gunicorn.conf.py keeps threads beyond those for plain requests), and a stream ends after
-EVENT_STREAM_SECONDS without `event: end`; the client reconnects with Last-Event-ID and misses nothing.
+EVENT_STREAM_SECONDS without `event: end`; the client reconnects with Last-Event-ID and misses nothing. A stream
+whose API key is revoked ends within KEY_CHECK_SECONDS (its reconnect is a 401).
 """
 from __future__ import annotations
 
@@ -45,11 +46,16 @@ KEEPALIVE_SECONDS = 15.0
 RECONNECT_MILLISECONDS = 2000  # the `retry:` a stream announces to EventSource clients
 EVENTS_PER_READ = MAX_PAGE_SIZE
 RETRY_AFTER_SECONDS = 5  # a refused stream's Retry-After
+KEY_CHECK_SECONDS = 10.0  # how often a stream checks that its API key is still valid (a revoked one ends it)
 
 
 def wants_event_stream() -> bool:
     """Whether the request asks for the live stream: `text/event-stream` preferred over JSON in its Accept."""
     return request.accept_mimetypes.best_match(["application/json", MEDIA_TYPE]) == MEDIA_TYPE
+
+
+class KeyRevoked(Exception):
+    """The stream's API key was revoked while it ran."""
 
 
 class StreamSlots:
@@ -100,15 +106,18 @@ def event_stream_response(job_id: str, job_object: Callable[[Job], dict[str, Any
     """The stream for one of the caller's jobs (404 before any byte if it is not theirs)."""
     after = last_event_id()
     caller, settings = owner(), platform().settings
+    secret = request.headers["Authorization"].partition(" ")[2].strip()  # checked by require_api_key
     sessions: sessionmaker[Session] = platform().sessions
     with session_scope(sessions) as session:
         repository.get_job(session, caller, job_id)
     release = platform().stream_slots.take()
 
-    def poll(after: int | None) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    def poll(after: int | None, check_key: bool) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
         # The job before its events: a job seen finished here had its terminal event committed with that
         # status, so the read below includes it.
         with session_scope(sessions) as session:
+            if check_key and repository.authenticate(session, secret) != caller:
+                raise KeyRevoked
             job = repository.get_job(session, caller, job_id)
             shown, finished = job_object(job), job.status in TERMINAL
             events, _ = repository.list_events(session, caller, job_id, after=after, limit=EVENTS_PER_READ)
@@ -119,16 +128,19 @@ def event_stream_response(job_id: str, job_object: Callable[[Job], dict[str, Any
         try:
             yield f"retry: {RECONNECT_MILLISECONDS}\n\n"
             closes_at = time.monotonic() + settings.event_stream_seconds
-            last_sent = time.monotonic()
+            last_sent = key_checked = time.monotonic()
             last_job: dict[str, Any] | None = None
             while time.monotonic() < closes_at:
+                check_key = time.monotonic() - key_checked >= KEY_CHECK_SECONDS
                 try:
-                    shown, events, finished = poll(after)
-                except NotFound:
-                    return  # deleted meanwhile
+                    shown, events, finished = poll(after, check_key)
+                except (NotFound, KeyRevoked):
+                    return  # deleted meanwhile, or the key was revoked: a reconnect gets the 404 or 401
                 except OperationalError:
                     time.sleep(POLL_SECONDS)  # the database is away: wait for it
                     continue
+                if check_key:
+                    key_checked = time.monotonic()
                 sent = bool(events)
                 for event in events:
                     after = event["id"]

@@ -14,6 +14,7 @@ from jobs.models import JobMetric
 from jobs.repository import MAX_METRICS_PAGE_SIZE
 from jobs.training_metrics import VALUE_COLUMNS
 
+from .errors import ApiError
 from .context import MAX_INT_CURSOR, owner, platform, query_integer, unit_of_work, v1_blueprint
 
 job_metrics = v1_blueprint("job_metrics")
@@ -46,8 +47,13 @@ def list_metrics(job_id: str):
 
 @job_metrics.get("/jobs/<job_id>/metrics.csv")
 def metrics_csv(job_id: str):
-    """A train or finetune job's per-step metrics as a CSV file with a header row, streamed."""
+    """A train or finetune job's per-step metrics as a CSV file with a header row, streamed (`after` a step)."""
     caller, sessions = owner(), platform().sessions
+    start = request.args.get("after")
+    if "limit" in request.args:
+        raise ApiError(400, "invalid_request", "metrics.csv is every step (after `after`); page with /metrics "
+                       "for `limit`", "limit")
+    after_step = None if start is None else query_integer("after", start, 0, MAX_INT_CURSOR)
     with unit_of_work() as session:  # a missing job (404) or a generate job (400) before the file starts
         repository.list_job_metrics(session, caller, job_id, limit=1)
 
@@ -56,7 +62,7 @@ def metrics_csv(job_id: str):
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
-        after = None
+        after = after_step
         while True:
             with session_scope(sessions) as session:
                 rows, has_more = repository.list_job_metrics(session, caller, job_id, after=after)

@@ -263,7 +263,9 @@ OPERATIONS: dict[str, dict[str, Any]] = {
               {"type": "integer", "minimum": 1, "maximum": MAX_METRICS_PAGE_SIZE, "default": MAX_METRICS_PAGE_SIZE})]},
     "job_metrics.metrics_csv": {"content": {"text/csv": {"schema": {
         "type": "string", "description": "A header row `step,train_loss,val_loss,learning_rate,grad_norm,"
-        "tokens_per_second,elapsed_seconds`, then one row per MetricPoint, by step; an empty cell is null."}}}},
+        "tokens_per_second,elapsed_seconds`, then one row per MetricPoint, by step; an empty cell is null."}}},
+        "parameters": [query("after", "Only steps after this one.",
+                             {"type": "integer", "minimum": 0, "maximum": MAX_INT_CURSOR})]},
     "monitoring.metrics": {"content": {"text/plain": {"schema": {
         "type": "string", "description": "The Prometheus text format (version 0.0.4): gpt2jobs_jobs, "
         "gpt2jobs_job_queue_wait_seconds, gpt2jobs_job_duration_seconds, gpt2jobs_tokens_total, "

@@ -74,6 +74,8 @@ class Demo:
             self.platform.start()
             self.key = self.platform.run("flask", "--app", "api", "keys", "create", "--owner", "demo").split()[-1]
         self.client = Client(self.platform.url, self.key)
+        if args.port and not self.platform.url.endswith(f":{args.port}"):
+            console.print(f"Port {args.port} is taken; using another one.")
         console.print(f"Platform up at {self.platform.url} (SQLite and the filesystem broker under {self.folder})")
 
         training_file = self.client.files.upload(corpus, "train")
@@ -134,6 +136,7 @@ class Demo:
     def interrupted(self) -> None:
         """Ctrl-C: cancel the demo's unfinished jobs through the API, so the worker ends their tasks now."""
         if self.client is None or not self.submitted:
+            console.print("\n[bold]Interrupted[/bold]" + (" while starting" if self.client is None else ""))
             return
         console.print("\n[bold]Interrupted[/bold]")
         pending = []
@@ -172,12 +175,27 @@ def demo_folder() -> Path:
     return folder
 
 
+def positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def port(text: str) -> int:
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {number}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    parser.add_argument("--steps", type=positive, default=400, help="training steps (default 400)")
     parser.add_argument("--keep-running", action="store_true",
                         help="leave the platform running at the end, to explore it in the dashboard and the CLI")
-    parser.add_argument("--port", type=int, default=8000, help="the API's port, if free (default 8000)")
+    parser.add_argument("--port", type=port, default=8000,
+                        help="the API's port, if free, else any free one (default 8000; 0: any)")
     parser.add_argument("--start-timeout", type=float, default=300.0,
                         help="seconds the platform may take to start (default 300)")
     args = parser.parse_args(argv)

@@ -24,9 +24,11 @@ class StartError(RuntimeError):
 
 
 def free_port(preferred: int | None = None) -> int:
-    """`preferred` if nothing listens there on 127.0.0.1, else a free port the system picks."""
+    """`preferred` if nothing listens there on 127.0.0.1, else a free port the system picks. (SO_REUSEADDR, as
+    gunicorn binds: a port whose earlier connections linger in TIME_WAIT is free for it.)"""
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:

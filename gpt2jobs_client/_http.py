@@ -73,9 +73,11 @@ class Transport:
     @contextmanager
     def send(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
              data: dict[str, Any] | None = None, files: FilesFactory | None = None,
-             headers: dict[str, str] | None = None, stream: bool = False) -> Iterator[httpx.Response]:
+             headers: dict[str, str] | None = None, stream: bool = False,
+             retry_unavailable: bool = True) -> Iterator[httpx.Response]:
         """The first answer that is not retried, error answers raised as APIError. With stream=True the body is
-        not read yet: the caller reads it inside the `with`."""
+        not read yet: the caller reads it inside the `with`. retry_unavailable=False raises a 503 at once (for
+        callers with their own plan for it)."""
         method = method.upper()
         repeatable = method in SAFE_METHODS or (headers or {}).get("Idempotency-Key") is not None
         retryable: tuple[type[Exception], ...] = NOT_SENT + ANSWER_LOST if repeatable else NOT_SENT
@@ -98,7 +100,7 @@ class Transport:
                 except httpx.TransportError as exc:
                     raise APIConnectionError(f"{method} {request.url}: {type(exc).__name__}: {exc}", attempt + 1) from exc
                 try:
-                    if response.status_code == 503 and attempt < self.max_retries:
+                    if response.status_code == 503 and retry_unavailable and attempt < self.max_retries:
                         response.read()
                         attempt += 1
                         time.sleep(self.delay(attempt, response))

@@ -12,13 +12,40 @@ import httpx
 
 from . import sse
 from ._http import Transport
-from .errors import ServiceUnavailableError
+from .errors import APIConnectionError, ServiceUnavailableError
 from .sse import MEDIA_TYPE
 from .types import Checkpoint, Event, GenerationResult, Job
 
 
 #: The largest event id (a 32-bit column): resuming after it skips every event, for callers that want progress only.
 MAX_EVENT_ID = 2**31 - 1
+
+
+#: Seconds a follower (stream, events(follow=True), wait) keeps trying while the API gives no answer.
+RECONNECT_PATIENCE = 600.0
+MAX_RECONNECT_DELAY = 5.0
+
+
+class _Outage:
+    """A follower's patience with an API that does not answer: wait() sleeps with backoff, and re-raises once
+    `patience` seconds have passed since the last answer (over())."""
+
+    def __init__(self, patience: float, transport: Transport):
+        self.patience, self.transport = patience, transport
+        self.since: float | None = None
+        self.tries = 0
+
+    def over(self) -> None:
+        self.since, self.tries = None, 0
+
+    def wait(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if now - self.since > self.patience:
+            raise exc
+        self.tries += 1
+        time.sleep(min(self.transport.delay(self.tries, None), MAX_RECONNECT_DELAY))
 
 
 class Jobs:
@@ -59,24 +86,28 @@ class Jobs:
             if isinstance(followed, Event):
                 yield followed
 
-    def stream(self, job_id: str, after: int | None = None, poll_interval: float = 1.0) -> Iterator[Event | Job]:
+    def stream(self, job_id: str, after: int | None = None, poll_interval: float = 1.0,
+               reconnect_patience: float = RECONNECT_PATIENCE) -> Iterator[Event | Job]:
         """The job as it runs: its events (oldest first, after the event id `after`) and a Job snapshot whenever
         its status or progress changes; the last item is the finished Job. Reads the API's server-sent events
         (GET /v1/jobs/{id}/events with Accept: text/event-stream), reconnecting with Last-Event-ID when a stream
-        ends before the job (the server bounds each connection's time) or drops; where the API serves no stream
-        (too many watchers: 503 too_many_streams after the retries), it polls the JSON routes instead."""
+        ends before the job (the server bounds each connection's time) or drops. While the API cannot be reached
+        (restarting, its database away: 503), it keeps trying, with backoff, for up to `reconnect_patience`
+        seconds without an answer (then APIConnectionError or ServiceUnavailableError). Where the API serves no
+        stream (this API process has its most watchers: 503 too_many_streams), it polls the JSON routes."""
+        outage = _Outage(reconnect_patience, self._t)
         last_id = after
-        failures = 0
         while True:
             headers = {"Accept": MEDIA_TYPE}
             if last_id is not None:
                 headers["Last-Event-ID"] = str(last_id)
             try:
-                with self._t.send("GET", f"/v1/jobs/{job_id}/events", headers=headers, stream=True) as response:
+                with self._t.send("GET", f"/v1/jobs/{job_id}/events", headers=headers, stream=True,
+                                  retry_unavailable=False) as response:
+                    outage.over()
                     if not response.headers.get("content-type", "").startswith(MEDIA_TYPE):
                         break  # an API without streams: poll
                     for message in sse.parse(response.iter_lines()):
-                        failures = 0
                         if message.event == "message":
                             event = Event.from_api(json.loads(message.data))
                             last_id = event.id
@@ -87,27 +118,29 @@ class Jobs:
                             yield Job.from_api(json.loads(message.data))
                             return
             except ServiceUnavailableError as exc:
-                if exc.code != "too_many_streams":
-                    raise
-                break
-            except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError):
-                failures += 1  # the connection dropped mid-stream: reconnect, resuming after the last event
-                if failures > self._t.max_retries:
-                    raise
-                time.sleep(self._t.delay(failures, None))
-        yield from self._poll(job_id, last_id, poll_interval)
+                if exc.code == "too_many_streams":
+                    break
+                outage.wait(exc)
+            except (APIConnectionError, httpx.TransportError) as exc:
+                outage.wait(exc)  # the API is away, or the connection dropped mid-stream: resume after last_id
+        yield from self._poll(job_id, last_id, poll_interval, outage)
 
-    def _poll(self, job_id: str, after: int | None, poll_interval: float) -> Iterator[Event | Job]:
+    def _poll(self, job_id: str, after: int | None, poll_interval: float, outage: _Outage) -> Iterator[Event | Job]:
         """stream() by polling the JSON routes."""
         last: dict[str, Any] | None = None
         while True:
-            # The status before the events: every event of a job seen finished here is in the read below.
-            job = self.get(job_id)
-            seen = False
-            for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"after": after, "limit": 100}):
-                event = Event.from_api(item)
-                after, seen = event.id, True
-                yield event
+            try:
+                # The status before the events: every event of a job seen finished here is in the read below.
+                job = self.get(job_id)
+                seen = False
+                for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"after": after, "limit": 100}):
+                    event = Event.from_api(item)
+                    after, seen = event.id, True
+                    yield event
+            except (ServiceUnavailableError, APIConnectionError) as exc:
+                outage.wait(exc)
+                continue
+            outage.over()
             if last is None or (job.status, job.progress) != (last["status"], last["progress"]):
                 yield job
                 last = job.raw

@@ -9,6 +9,8 @@ Exit codes: 0 success (a waited-for job succeeded); 1 an API error, or a job tha
 """
 from __future__ import annotations
 
+import math
+
 import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -59,6 +61,30 @@ class Group(click.Group):
         except APIConnectionError as error:
             click.echo(f"error: no answer from the API: {error}", err=True)
             ctx.exit(EXIT_NO_ANSWER)
+        except OSError as error:  # a local file: -o into a folder that does not exist, a full disk, ...
+            where = f": {error.filename}" if error.filename else ""
+            click.echo(f"error: {error.strerror or error}{where}", err=True)
+            ctx.exit(EXIT_FAILED)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number (JSON has no NaN or infinity), optionally at least `low`."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None):
+        self.low = low
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and number < self.low:
+            self.fail(f"{value!r} is below {self.low:g}", param, ctx)
+        return number
 
 
 def json_option(function: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..types import Job
-from . import cli, emit, json_option, show, show_all, state, table
+from . import FiniteFloat, cli, emit, json_option, show, show_all, state, table
 from .progress import follow
 
 
@@ -56,9 +56,9 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--training-file", required=True, help="A file id with purpose train."),
         click.option("--validation-file", help="A file id with purpose train."),
         click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (not with --epochs)."),
-        click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data (not with --max-steps)."),
+        click.option("--epochs", type=FiniteFloat(), help="Passes over the data (not with --max-steps)."),
         click.option("--batch-size", type=click.IntRange(min=1)),
-        click.option("--learning-rate", type=float),
+        click.option("--learning-rate", type=FiniteFloat()),
         click.option("--suffix", help="Appended to the output model's name."),
         click.option("--seed", type=click.IntRange(min=0)),
         click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished."),
@@ -89,8 +89,11 @@ def submit_training(ctx: click.Context, kind: str, model: Any, options: dict[str
 def parse_model(value: str | None) -> Any:
     if value is None or not value.lstrip().startswith("{"):
         return value
+    def refuse(constant: str) -> Any:
+        raise click.BadParameter(f"{constant} is not JSON", param_hint="--model")
+
     try:
-        return json.loads(value)
+        return json.loads(value, parse_constant=refuse)
     except json.JSONDecodeError as error:
         raise click.BadParameter(f"not a JSON object: {error}", param_hint="--model") from None
 
@@ -117,9 +120,9 @@ def create_finetune(ctx: click.Context, model: str, **options: Any) -> None:
 @click.option("--input-file", help="A file id with purpose generate (not with --prompt).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable; not with --input-file).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1))
-@click.option("--temperature", type=click.FloatRange(min=0))
+@click.option("--temperature", type=FiniteFloat(low=0))
 @click.option("--top-k", type=click.IntRange(min=0))
-@click.option("--top-p", type=float)
+@click.option("--top-p", type=FiniteFloat())
 @click.option("--n", type=click.IntRange(min=1), help="Completions per prompt.")
 @click.option("--seed", type=click.IntRange(min=0))
 @click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished.")

@@ -7,7 +7,10 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import select
 
+from jobs import repository
+from jobs.models import ApiKey
 from jobs.states import CANCELLED, CANCELLING, RUNNING, SUCCEEDED
 
 STREAM = {"Accept": "text/event-stream"}
@@ -152,3 +155,24 @@ def test_streams_per_process_are_bounded_and_freed(make_app, auth):
     helper.set_status(job["id"], CANCELLING, CANCELLED)
     again = helper.client.get(url, headers={**auth, **STREAM})
     assert again.status_code == 200 and parse_stream([again.get_data(as_text=True)])[-1]["event"] == "end"
+
+
+def test_a_revoked_key_ends_its_open_streams(helper, auth, monkeypatch):
+    import api.event_stream
+
+    monkeypatch.setattr(api.event_stream, "KEY_CHECK_SECONDS", 0.5)
+    job = helper.train_job(auth)
+    helper.set_status(job["id"], RUNNING)
+    response = helper.client.get(f"/v1/jobs/{job['id']}/events", headers={**auth, **STREAM}, buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks)  # the stream is open
+    owner = helper.owner_of(auth)
+    with helper.session() as session:
+        key_id = session.scalars(select(ApiKey.id).where(ApiKey.owner == owner)).one()
+        repository.revoke_api_key(session, owner, key_id)
+    started = time.monotonic()
+    rest = list(chunks)  # ends by itself although the job still runs
+    response.close()
+    assert time.monotonic() - started < 10
+    assert not any("event: end" in (c.decode() if isinstance(c, bytes) else c) for c in rest)
+    assert helper.client.get(f"/v1/jobs/{job['id']}/events", headers={**auth, **STREAM}).status_code == 401

@@ -63,6 +63,17 @@ def test_csv_has_a_header_row_and_empty_cells_for_null(helper, auth):
         assert float(line[1]) == row["train_loss"]  # the exact float, not a rounding of it
 
 
+def test_csv_after_a_step_and_no_limit(helper, auth):
+    job = helper.train_job(auth)["id"]
+    helper.add_metrics(job, range(1, 7))
+    response = helper.client.get(f"/v1/jobs/{job}/metrics.csv?after=4", headers=auth)
+    table = list(csv.reader(io.StringIO(response.get_data(as_text=True))))
+    assert table[0] == FIELDS and [line[0] for line in table[1:]] == ["5", "6"]
+    for query, param in (("after=-1", "after"), ("after=x", "after"), ("limit=2", "limit")):
+        refused = helper.client.get(f"/v1/jobs/{job}/metrics.csv?{query}", headers=auth)
+        assert refused.status_code == 400 and refused.json["error"]["param"] == param, query
+
+
 def test_csv_of_a_job_without_metrics_is_its_header(helper, auth):
     job = helper.train_job(auth)["id"]
     response = helper.client.get(f"/v1/jobs/{job}/metrics.csv", headers=auth)

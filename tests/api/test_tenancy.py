@@ -207,6 +207,7 @@ def test_every_route_needs_a_valid_key(helper, auth, revoked_key, route):
         response = helper.client.open(url, method=method, headers=headers)
         assert response.status_code == 401, (headers, response.json)
         assert response.json["error"]["code"] == code and response.json["error"]["param"] is None
+        assert response.headers["WWW-Authenticate"].startswith("Bearer ")
 
 
 def test_the_scheme_is_case_insensitive(helper, auth):

@@ -108,6 +108,24 @@ def test_errors_print_the_api_message_and_exit_non_zero(env: dict[str, str]):
     assert nowhere.returncode == 2 and "no answer from the API" in nowhere.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["jobs", "create", "train", "--training-file", "file-x", "--max-steps", "2", "--learning-rate", "nan"],
+    ["jobs", "create", "train", "--training-file", "file-x", "--max-steps", "2", "--model", '{"n_layer": NaN}'],
+    ["jobs", "create", "generate", "--model", "model-x", "--prompt", "Hi", "--temperature", "inf"],
+    ["jobs", "create", "generate", "--model", "model-x", "--prompt", "Hi", "--top-p", "nan"],
+])
+def test_numbers_json_cannot_carry_are_a_usage_error_not_a_traceback(env: dict[str, str], args: list[str]):
+    done = gpt2jobs(env, *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "Error: Invalid value" in done.stderr, done.stderr
+
+
+def test_writing_to_a_folder_that_does_not_exist_is_an_error_message(env: dict[str, str], tmp_path: Path):
+    file_id = upload(env, corpus_file(tmp_path, size=2000))
+    done = gpt2jobs(env, "files", "download", file_id, "-o", str(tmp_path / "missing" / "x.txt"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and "missing" in done.stderr
+
+
 def test_watch_a_failed_job_exits_1_with_its_error(env: dict[str, str], stack: Stack, tmp_path: Path):
     archive = tiny_model_archive(tmp_path)
     copy = json.loads(ok(env, "models", "import", str(archive), "--name", "doomed", "--json"))

@@ -3,11 +3,14 @@ read from submission to the end, resumed with Last-Event-ID, and the client's fo
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import httpx
 
+from demo.local import free_port
 from gpt2jobs_client import Client, Event, Job
 from gpt2jobs_client import sse
 from tests.e2e.conftest import Stack, corpus_file
@@ -76,3 +79,35 @@ def test_client_wait_follows_a_running_job_through_the_stream(stack: Stack, tmp_
         assert steps == sorted(steps) and steps[-1] == 40 and len(seen) >= 2
         followed = [e.id for e in client.jobs.events(job.id, follow=True)]
         assert followed == [e.id for e in client.jobs.events(job.id)]
+
+
+def test_a_follower_outlasts_an_api_restart(stack: Stack, tmp_path: Path):
+    """The API goes away for longer than the transport's own retries (a restart), and comes back on the same
+    address: the follower waits, reconnects with Last-Event-ID and sees every event once, to the end."""
+    assert stack.api_url is not None
+    shared_url, port = stack.api_url, free_port()
+    api = stack.start_api(port)
+    url = f"http://127.0.0.1:{port}"
+    stack.api_url = shared_url  # the module's other tests keep the first API
+    with Client(url, stack.create_key(f"sse-{uuid.uuid4().hex[:8]}"), backoff_factor=0.2) as client:
+        training = client.files.upload(corpus_file(tmp_path), "train")
+        job = client.jobs.create(type="train", training_file=training.id, model=TINY_MODEL, seed=5,
+                                 hyperparameters={"max_steps": 400, "batch_size": 4})
+        seen: list[Event | Job] = []
+        follower = threading.Thread(target=lambda: seen.extend(client.jobs.stream(job.id)))
+        follower.start()
+        deadline = time.monotonic() + 120
+        while not any(isinstance(item, Job) and item.status == "running" for item in seen):
+            assert time.monotonic() < deadline and follower.is_alive(), seen
+            time.sleep(0.2)
+        assert follower.is_alive(), "the job ended before the outage: nothing was tested"
+        api.stop()
+        time.sleep(8)  # well past the transport's retries (about 3 s at this backoff)
+        api = stack.start_api(port)
+        stack.api_url = shared_url
+        follower.join(timeout=180)
+        assert not follower.is_alive()
+        events = [item.id for item in seen if isinstance(item, Event)]
+        assert events == [e.id for e in client.jobs.events(job.id)]  # every event once, in order
+        assert isinstance(seen[-1], Job) and seen[-1].status == "succeeded"
+    api.stop()

@@ -67,8 +67,8 @@ class Stack:
         """`flask --app api keys create --owner NAME`: the key is the last line it prints."""
         return self.run(["flask", "--app", "api", "keys", "create", "--owner", owner]).stdout.strip().splitlines()[-1]
 
-    def start_api(self) -> ServiceProcess:
-        port = free_port()
+    def start_api(self, port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
         argv = replace_option(compose_command("api"), "--bind", f"127.0.0.1:{port}")
         api = self.launch(argv, self.environment, "api")
         self.api_url = f"http://127.0.0.1:{port}"

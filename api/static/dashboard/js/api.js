@@ -27,6 +27,35 @@ export class ApiError extends Error {
   }
 }
 
+/**
+ * JSON text -> value, keeping integers that a Number cannot hold exactly (beyond Number.MAX_SAFE_INTEGER, such as
+ * the seeds the API draws, up to 2**63 - 1) as BigInt with their exact digits instead of rounding them to the
+ * nearest double. It reads the number's source text, which JSON.parse gives a reviver as the third argument in
+ * current browsers (Chromium 114+, Firefox 135+, Safari 18.4+); without it such numbers stay rounded.
+ */
+export function parseJson(text) {
+  return JSON.parse(text, (_key, value, context) => {
+    if (typeof value === "number" && !Number.isSafeInteger(value) && Number.isInteger(value) &&
+        typeof context?.source === "string" && /^-?[0-9]+$/.test(context.source)) {
+      return BigInt(context.source);
+    }
+    return value;
+  });
+}
+
+/** A value -> JSON text, writing BigInt (from parseJson) as the exact number it was. */
+export function toJson(value) {
+  return JSON.stringify(value, (_key, v) => {
+    if (typeof v !== "bigint") return v;
+    return typeof JSON.rawJSON === "function" ? JSON.rawJSON(v.toString()) : v.toString();
+  });
+}
+
+/** The body of a response as JSON, parsed with parseJson. */
+export async function readJson(response) {
+  return parseJson(await response.text());
+}
+
 /** Listeners told when the key is refused (401), so the app can ask for another one. */
 const unauthorizedListeners = new Set();
 
@@ -38,7 +67,7 @@ export function onUnauthorized(listener) {
 export async function errorFrom(response) {
   let error = null;
   try {
-    error = (await response.json()).error;
+    error = (await readJson(response)).error;
   } catch {
     // not JSON (a proxy's page, an empty body): fall back on the status line
   }
@@ -64,14 +93,14 @@ export function url(path, query = {}) {
 
 /**
  * A JSON request to the API. Options: method, query, body (sent as JSON), key (default: the stored key),
- * signal (an AbortSignal). Resolves to the parsed JSON; rejects with ApiError.
+ * signal (an AbortSignal). Resolves to the parsed JSON (parseJson: exact big integers); rejects with ApiError.
  */
 export async function request(path, { method = "GET", query = {}, body, key, signal } = {}) {
   const headers = authHeaders(key ?? getKey(), { Accept: "application/json" });
   const init = { method, headers, signal, cache: "no-store" };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    init.body = toJson(body);
   }
   let response;
   try {
@@ -86,7 +115,7 @@ export async function request(path, { method = "GET", query = {}, body, key, sig
     if (response.status === 401 && key === undefined) unauthorizedListeners.forEach((listener) => listener(error));
     throw error;
   }
-  return response.json();
+  return readJson(response);
 }
 
 /** GET one page of a list: {object: "list", data, has_more, ...}. */

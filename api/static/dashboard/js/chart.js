@@ -2,7 +2,8 @@
 // global `uPlot`): training loss per step as a line and validation loss per evaluation as points on the same
 // axes, and the learning rate in a small chart below that shares the cursor.
 //
-// The chart element carries data-testid="loss-chart" and data-points = the number of training-loss points plotted.
+// The chart element carries data-testid="loss-chart", data-points = the number of training-loss points plotted, and
+// data-lr-ticks = the learning-rate axis's labels as drawn (a JSON array), for tests and anyone checking the axis.
 
 import { h, formatNumber } from "./dom.js";
 
@@ -15,6 +16,43 @@ let charts = 0;
 const STEP_INCREMENTS = [];
 for (let scale = 1; scale <= 1e9; scale *= 10) STEP_INCREMENTS.push(scale, 2 * scale, 2.5 * scale, 5 * scale);
 const STEP_AXIS = { label: "step", incrs: STEP_INCREMENTS.filter(Number.isInteger) };
+
+/** One tick value with `digits` digits after the point (of the mantissa when `exponential`), trailing zeros cut. */
+function tickLabel(value, digits, exponential) {
+  if (exponential) {
+    const [mantissa, exponent] = value.toExponential(digits).split("e");
+    return `${trimZeros(mantissa)}e${exponent.replace("+", "")}`;
+  }
+  return trimZeros(value.toFixed(digits));
+}
+
+function trimZeros(text) {
+  return text.includes(".") ? text.replace(/\.?0+$/, "") : text;
+}
+
+/**
+ * Labels for an axis's tick values that tell the ticks apart and read back as their values: the fewest digits for
+ * which every label is within a thousandth of the tick spacing of its tick, in exponential notation for small
+ * (< 1e-3) and large (>= 1e6) scales. A learning rate peaking at 6e-4 gets 0, 2e-4, 4e-4, 6e-4 where uPlot's
+ * default (3 decimals) wrote 0, 0, 0, 0.001.
+ */
+export function formatTicks(values) {
+  const ticks = values.filter(Number.isFinite);
+  if (ticks.length === 0) return values.map(() => "");
+  const gaps = ticks.slice(1).map((v, i) => Math.abs(v - ticks[i])).filter((gap) => gap > 0);
+  const largest = Math.max(...ticks.map(Math.abs));
+  const tolerance = (gaps.length ? Math.min(...gaps) : largest || 1) * 1e-3;
+  const exponential = largest !== 0 && (largest < 1e-3 || largest >= 1e6);
+  const label = (v, digits) => (Math.abs(v) <= tolerance ? "0" : tickLabel(v, digits, exponential));
+  for (let digits = 0; digits <= 16; digits += 1) {
+    const labels = ticks.map((v) => label(v, digits));
+    const exact = labels.every((text, i) => Math.abs(Number(text) - ticks[i]) <= tolerance);
+    if (exact && new Set(labels).size === labels.length) {
+      return values.map((v) => (Number.isFinite(v) ? label(v, digits) : ""));
+    }
+  }
+  return values.map((v) => (Number.isFinite(v) ? String(v) : ""));
+}
 
 export class TrainingChart {
   constructor() {
@@ -95,13 +133,21 @@ export class TrainingChart {
     this.rate = new window.uPlot({
       width, height: LR_HEIGHT, cursor,
       scales: { x: { time: false } },
-      axes: [{ ...STEP_AXIS, label: null }, { label: "learning rate", size: 60 }], // "step" is said above
+      axes: [{ ...STEP_AXIS, label: null }, // "step" is said above
+        { label: "learning rate", size: 60, values: (_u, splits) => this.lrTicks(splits) }],
       series: [
         { label: "step" },
         { label: "learning rate", stroke: COLORS.lr, width: 1.5, spanGaps: true, points: { show: false },
           value: (_u, v) => (v === null ? "—" : v.toExponential(3)) },
       ],
     }, [this.steps, this.lr], this.lrEl);
+  }
+
+  /** The learning-rate axis's labels (formatTicks), noted on the element as data-lr-ticks. */
+  lrTicks(splits) {
+    const labels = formatTicks(splits);
+    this.element.dataset.lrTicks = JSON.stringify(labels);
+    return labels;
   }
 
   resize() {

@@ -3,6 +3,8 @@
 // Every piece of text from the API (names, prompts, completions, error messages) goes into the page as a text
 // node or an attribute value, never as HTML: h() turns strings into text nodes, and nothing here sets innerHTML.
 
+import { toJson } from "./api.js";
+
 /** h("a", {href: "/x", class: "link"}, "text", child, [more children]) -> an element. */
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
@@ -31,6 +33,15 @@ export function append(el, children) {
 export function replace(el, ...children) {
   el.replaceChildren();
   return append(el, children);
+}
+
+/**
+ * Text that may be very long (a 255-character file or model name, a custom_id): wrapped anywhere and cut after two
+ * lines with an ellipsis (style.css, .long-text), the whole of it in the title (shown on hover).
+ */
+export function longText(text) {
+  if (text === null || text === undefined || text === "") return h("span", { class: "muted" }, "—");
+  return h("span", { class: "long-text", title: String(text) }, String(text));
 }
 
 /** A link handled by the router (no page reload). */
@@ -79,9 +90,13 @@ export function formatBytes(bytes) {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
-/** A number for a table cell: integers with separators, others to 4 significant digits; "—" for null. */
+/**
+ * A number for a table cell: integers with separators, others to 4 significant digits; "—" for null. A BigInt (an
+ * integer too large for a Number, see parseJson in api.js) is written with all its digits and no separators.
+ */
 export function formatNumber(value, digits = 4) {
   if (value === null || value === undefined) return "—";
+  if (typeof value === "bigint") return value.toString();
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value)) return value.toLocaleString("en-US");
   if (Math.abs(value) !== 0 && (Math.abs(value) < 1e-3 || Math.abs(value) >= 1e6)) return value.toExponential(2);
@@ -91,9 +106,20 @@ export function formatNumber(value, digits = 4) {
 /** Any JSON value as short text: objects as compact JSON. */
 export function formatValue(value) {
   if (value === null || value === undefined) return "—";
-  if (typeof value === "number") return formatNumber(value, 6);
+  if (typeof value === "number" || typeof value === "bigint") return formatNumber(value, 6);
   if (typeof value === "string") return value;
-  return JSON.stringify(value);
+  return toJson(value);
+}
+
+/**
+ * A JSON value exactly as the API gave it, to be copied back into a request: numbers unrounded and without
+ * separators (seeds, step counts, learning rates), BigInt with all its digits, objects as compact JSON.
+ */
+export function formatExact(value) {
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "number" || typeof value === "bigint") return value.toString();
+  if (typeof value === "string") return value;
+  return toJson(value);
 }
 
 export const ACTIVE_STATUSES = new Set(["queued", "running", "cancelling"]);

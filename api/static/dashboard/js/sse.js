@@ -4,7 +4,7 @@
 // lines end with CRLF, LF or CR; `field: value` lines build a message; a blank line dispatches it; lines that
 // start with ":" are comments (the server's keep-alives).
 
-import { authHeaders, errorFrom } from "./api.js";
+import { authHeaders, errorFrom, parseJson } from "./api.js";
 
 /** Incremental parser: push() decoded text as it arrives; onMessage({type, data, id}) per complete message. */
 export class SseParser {
@@ -79,7 +79,8 @@ export class SseParser {
  *   {outcome: "unsupported"}          the answer is not an event stream (a server without streams): poll instead.
  * Rejects with ApiError for other error answers, and with AbortError when `signal` aborts.
  *
- * handlers: {onEvent(event), onJob(job), onEnd(job)}; the data of each message is parsed as JSON.
+ * handlers: {onEvent(event), onJob(job), onEnd(job)}; the data of each message is parsed as JSON by parseJson
+ * (integers beyond Number.MAX_SAFE_INTEGER as exact BigInt), as the JSON routes' answers are.
  */
 export async function readJobStream(jobId, { lastEventId = null, signal, handlers }) {
   const headers = authHeaders(undefined, { Accept: "text/event-stream" });
@@ -105,7 +106,7 @@ export async function readJobStream(jobId, { lastEventId = null, signal, handler
     if (id) seen = id;
     let value;
     try {
-      value = JSON.parse(data);
+      value = parseJson(data); // big integers (seeds) keep their exact digits
     } catch {
       return; // not ours to show
     }

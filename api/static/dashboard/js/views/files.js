@@ -1,7 +1,7 @@
 // /files: the caller's uploaded files, newest first (purpose filter kept in the address: /files?purpose=train).
 
 import { getList } from "../api.js";
-import { dataTable, formatBytes, formatNumber, h, notice, replace, row, timeEl } from "../dom.js";
+import { dataTable, formatBytes, formatNumber, h, longText, notice, replace, row, timeEl } from "../dom.js";
 
 const PURPOSES = ["train", "generate"];
 const PAGE_SIZE = 50;
@@ -25,7 +25,7 @@ export async function renderFiles(main, ctx) {
     h("div", { class: "filters" }, h("label", { class: "filter" }, "Purpose ", select)),
     message, table, more);
 
-  const fileRow = (f) => row([h("code", {}, f.id), f.filename, f.purpose, formatBytes(f.bytes),
+  const fileRow = (f) => row([h("code", {}, f.id), longText(f.filename), f.purpose, formatBytes(f.bytes),
     formatNumber(f.records), formatNumber(f.tokens), h("code", { title: f.sha256 }, `${f.sha256.slice(0, 12)}…`),
     timeEl(f.created_at)], { "data-file-id": f.id });
 

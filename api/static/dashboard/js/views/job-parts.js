@@ -1,8 +1,8 @@
 // The pieces of a job's page, each a pure function of API objects to elements (views/job.js keeps them live).
 
 import {
-  dataTable, formatBytes, formatDuration, formatNumber, formatValue, h, isActive, jobProgress, keyValueTable, link,
-  progressBar, row, statusBadge, timeEl,
+  dataTable, formatBytes, formatDuration, formatExact, formatNumber, formatValue, h, isActive, jobProgress,
+  keyValueTable, link, longText, progressBar, row, statusBadge, timeEl,
 } from "../dom.js";
 
 /** Keys of a job object shown in the summary rather than among its parameters. */
@@ -77,15 +77,18 @@ export function resultBox(job) {
   return h("section", { class: "card" }, h("h2", {}, "Result"), keyValueTable(rows, { "data-testid": "job-result" }));
 }
 
-/** The resolved parameters (model, hyperparameters or sampling, seed, files, metadata) as one table. */
+/**
+ * The resolved parameters (model, hyperparameters or sampling, seed, files, metadata) as one table, each value
+ * exactly as the API gave it (formatExact: a seed shows every digit, without separators, ready to be copied).
+ */
 export function parametersTable(job) {
   const rows = [];
   for (const [key, value] of Object.entries(job)) {
     if (SUMMARY_KEYS.has(key)) continue;
     if (key === "model") rows.push([key, modelCell(value)]);
     else if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
-      for (const [sub, subValue] of Object.entries(value)) rows.push([`${key}.${sub}`, formatValue(subValue)]);
-    } else rows.push([key, formatValue(value)]);
+      for (const [sub, subValue] of Object.entries(value)) rows.push([`${key}.${sub}`, formatExact(subValue)]);
+    } else rows.push([key, formatExact(value)]);
   }
   return keyValueTable(rows, { "data-testid": "job-parameters" });
 }
@@ -104,13 +107,23 @@ function completionsCell(result) {
   return h("div", {}, (result.completions || []).map((c) => h("pre", { class: "text" }, c.text ?? "")));
 }
 
-/** The first results of a generate job. */
-export function resultsTable(results) {
-  if (!results.length) return h("p", { class: "muted" }, "No results yet.");
+/** Why a generate job has no results, by its status. */
+function noResults(job) {
+  switch (job?.status) {
+    case "failed": return "No results: the job failed before any prompt finished.";
+    case "cancelled": return "No results: the job was cancelled before any prompt finished.";
+    case "succeeded": return "No results.";
+    default: return "No results yet."; // queued, running, cancelling (or not known): some may still come
+  }
+}
+
+/** The first results of a generate job (`job`: the job, to say why there are none). */
+export function resultsTable(results, job) {
+  if (!results.length) return h("p", { class: "muted", "data-testid": "no-results" }, noResults(job));
   return dataTable(["#", "custom_id", "Prompt", "Completion"],
     results.map((r) => h("tr", {},
       h("td", {}, String(r.index)),
-      h("td", {}, r.custom_id ?? "—"),
+      h("td", {}, longText(r.custom_id)),
       h("td", {}, h("pre", { class: "text" }, r.prompt ?? "")),
       h("td", {}, completionsCell(r)))), { class: "data results", "data-testid": "job-results" });
 }

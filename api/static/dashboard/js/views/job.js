@@ -7,7 +7,7 @@
 // closes without `end` is reopened with Last-Event-ID. When the server answers 503 too_many_streams, or anything
 // other than an event stream, the page polls the JSON routes instead, every POLL_MS.
 
-import { ApiError, authHeaders, errorFrom, getAll, getList, isAbort, request } from "../api.js";
+import { ApiError, authHeaders, errorFrom, getAll, getList, isAbort, request, toJson } from "../api.js";
 import { TrainingChart } from "../chart.js";
 import { append, h, isActive, notice, replace } from "../dom.js";
 import { readJobStream } from "../sse.js";
@@ -188,7 +188,7 @@ export async function renderJob(main, ctx) {
       const total = job.progress?.total ?? job.prompt_count;
       resultsTitle.textContent = page.has_more ? `Results (the first ${page.data.length} of ${total ?? "more"})` :
         "Results";
-      replace(results, resultsTable(page.data));
+      replace(results, resultsTable(page.data, job));
     } catch (exc) {
       showProblem(exc);
     }
@@ -202,7 +202,7 @@ export async function renderJob(main, ctx) {
     showJob(next);
     const p = next.progress || {};
     if (training && p.step && p.step !== chart.lastStep) refreshMetrics();
-    if (!training && JSON.stringify(p) !== JSON.stringify(before.progress)) refreshResults();
+    if (!training && toJson(p) !== toJson(before.progress)) refreshResults();
     if (training && next.status !== before.status) refreshCheckpoints();
   };
 

@@ -31,18 +31,48 @@ function jobRow(job) {
     h("td", {}, timeEl(job.finished_at)));
 }
 
+/** A filter value from the address, shortened for a notice. */
+function quoted(value) {
+  return `“${value.length > 80 ? `${value.slice(0, 80)}…` : value}”`;
+}
+
+/**
+ * The filters named in the address (?type=…&status=…), and a notice for each value that is none of the known
+ * ones: such a filter is dropped (the API would refuse it) and the notice says so, rather than the page quietly
+ * showing every job as if no filter had been asked for.
+ */
+function readFilters(query) {
+  const filters = {};
+  const unknown = [];
+  for (const [name, known] of [["type", TYPES], ["status", STATUSES]]) {
+    const value = query.get(name) ?? "";
+    filters[name] = known.includes(value) ? value : "";
+    if (value !== "" && !known.includes(value)) {
+      unknown.push(`Unknown ${name} ${quoted(value)}: showing jobs of any ${name}. ` +
+        `The ${name} filter takes ${known.join(", ")}.`);
+    }
+  }
+  return { ...filters, unknown };
+}
+
 export async function renderJobs(main, ctx) {
   document.title = "Jobs · gpt2-jobs";
-  const type = TYPES.includes(ctx.query.get("type")) ? ctx.query.get("type") : "";
-  const status = STATUSES.includes(ctx.query.get("status")) ? ctx.query.get("status") : "";
+  const { type, status, unknown } = readFilters(ctx.query);
 
+  // A new filter value: the address keeps the known filters only (an unknown one was not applied).
   const setFilter = (name, value) => {
-    const query = new URLSearchParams(location.search);
-    if (value) query.set(name, value);
-    else query.delete(name);
+    const query = new URLSearchParams();
+    for (const [key, current] of [["type", type], ["status", status]]) {
+      const chosen = key === name ? value : current;
+      if (chosen) query.set(key, chosen);
+    }
     const qs = query.toString();
     ctx.navigate(`/jobs${qs ? `?${qs}` : ""}`);
   };
+  const filterNotice = unknown.length === 0 ? null :
+    h("div", { class: "notice notice-warning", role: "status", "data-testid": "filter-notice" },
+      unknown.map((text) => h("p", { class: "notice-line" }, text)),
+      h("p", { class: "notice-line" }, link("/jobs", "Clear the filters")));
 
   const table = dataTable(["Job", "Type", "Status", "Progress", "Created", "Started", "Finished"], [],
     { "data-testid": "jobs-table" });
@@ -56,7 +86,7 @@ export async function renderJobs(main, ctx) {
     h("div", { class: "filters" },
       filterSelect("type", "type", TYPES, type, (value) => setFilter("type", value)),
       filterSelect("status", "status", STATUSES, status, (value) => setFilter("status", value))),
-    message, table, more);
+    filterNotice, message, table, more);
 
   let jobs = [];
   let hasMore = false;

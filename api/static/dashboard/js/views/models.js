@@ -1,7 +1,7 @@
 // /models: the caller's registered models (imported, or produced by train and finetune jobs), newest first.
 
 import { getList } from "../api.js";
-import { dataTable, formatNumber, h, link, notice, replace, row, timeEl } from "../dom.js";
+import { dataTable, formatNumber, h, link, longText, notice, replace, row, timeEl } from "../dom.js";
 
 const PAGE_SIZE = 50;
 
@@ -24,7 +24,7 @@ export async function renderModels(main, ctx) {
     h("p", { class: "muted" }, "Models come from train and finetune jobs, or are imported with POST /v1/models."),
     message, table, more);
 
-  const modelRow = (m) => row([h("code", {}, m.id), m.name, m.source,
+  const modelRow = (m) => row([h("code", {}, m.id), longText(m.name), m.source,
     m.job_id ? link(`/jobs/${encodeURIComponent(m.job_id)}`, h("code", {}, m.job_id)) : "—",
     formatNumber(m.parameter_count), shape(m.config), timeEl(m.created_at)], { "data-model-id": m.id });
 
