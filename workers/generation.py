@@ -326,14 +326,15 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
                 release(rt, job.id, index, "this worker is shutting down" if isinstance(exc, ShuttingDown)
                         else f"this worker lost the database or the broker ({type(exc).__name__})")
                 raise
-            # Not a prompt's fault (those become error lines): the machine, the model. Try the shard again.
-            if attempts >= MAX_SHARD_ATTEMPTS:
+            # A JobFailure (the model's files are gone, the input file is invalid) is the same on every try: the job
+            # fails now. Anything else is not a prompt's fault (those become error lines): try the shard again.
+            if isinstance(exc, JobFailure) or attempts >= MAX_SHARD_ATTEMPTS:
                 raise
             log.warning("job %s: shard %d failed (attempt %d of %d); it will be retried", job.id, index, attempts,
                         MAX_SHARD_ATTEMPTS, exc_info=True)
             with rt.transaction() as session:
                 shards.release_shard(session, job.id, index, rt.worker_id)
-                repository.add_event(session, job.id, f"Shard {index} failed ({type(exc).__name__}); retrying "
+                repository.add_event(session, job.id, f"Shard {index} failed unexpectedly; retrying "
                                      f"(attempt {attempts} of {MAX_SHARD_ATTEMPTS})", level="warning")
             continue
         log.info("job %s: shard %d done (%d items)", job.id, index, stop - start)

@@ -122,6 +122,8 @@ def test_generation_with_missing_weights_fails_with_model_not_found(rt, owner, t
     run_generation(rt, job_id)
     failed = job(rt, job_id)
     assert failed.status == "failed" and failed.error["code"] == "model_not_found"
+    # The same on every try: the job fails at once, without retrying the shard.
+    assert not any("retrying" in e.message for e in events(rt, job_id))
 
 
 def test_generation_writes_one_result_per_prompt(rt, owner, tmp_path):
