@@ -1,14 +1,18 @@
 """The web dashboard in a real browser (headless chromium, driven by selenium) against a real stack: sign in with a
 key (Enter submits), the jobs list with its filters in the address, a finished training job's page with a loss
 chart of as many points as the job has metrics, a failed job's error, a generate job's results, a job followed live
-until it ends, the files and models pages, reloads and bookmarks that keep the session, and signing out.
+until it ends, the files and models pages, reloads and bookmarks that keep the session, and signing out; then seeds
+beyond 2**53 shown with every digit, the learning-rate axis's labels, long names that must not widen the pages, and
+unknown filter values in the address.
 
 `UPDATE_SCREENSHOT=1` also saves the finished training job's page as docs/dashboard-job.png (the README shows it);
 without it the test writes nothing into the tree.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,14 @@ TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}
 WAIT = 60  # seconds: generous, the machine may be busy
 JOB_TIMEOUT = 300
 SCREENSHOT = REPO_ROOT / "docs" / "dashboard-job.png"
+
+
+# Integers a JavaScript Number cannot hold (beyond 2**53): JSON.parse alone would show 5,491,092,537,469,876,000.
+BIG_SEED = 5491092537469876022
+BIG_SAMPLING_SEED = 61145889012496262
+LONG_SUFFIX = "a-suffix-as-long-as-suffixes-may-be-40ch"  # 40 characters, the most a suffix may have
+LONG_FILENAME = ("a-training-file-whose-name-has-no-spaces-to-wrap-at_" * 5)[:236] + ".txt"  # 240 characters
+LONG_MODEL_NAME = ("a-model-name-without-any-space-in-it-" * 7)[:255]
 
 
 def train_body(file_id: str, steps: int) -> dict[str, Any]:
@@ -218,6 +230,10 @@ def test_a_failed_job_shows_its_error(browser: Browser, api: Api, jobs: dict[str
     box = visible_text(browser, "job-error", failed["error"]["message"])
     assert failed["error"]["code"] in box.text
     assert find(browser, "job-summary").text.count("failed") >= 1
+    # A finished job gets no more results: the page says why there are none rather than "No results yet."
+    assert api.get(f"/v1/jobs/{failed['id']}/results").json()["data"] == []
+    none = visible_text(browser, "no-results", "No results: the job failed before any prompt finished.")
+    assert "yet" not in none.text
 
 
 def test_a_generate_job_shows_progress_and_results(browser: Browser, api: Api, jobs: dict[str, Any]):
@@ -278,3 +294,127 @@ def test_sign_out_forgets_the_key(browser: Browser, api: Api, jobs: dict[str, An
     assert browser.driver.execute_script("return window.sessionStorage.length") == 0
     browser.driver.get(browser.base_url + f"/jobs/{jobs['train']['id']}")
     find(browser, "api-key")  # a bookmark asks for the key again
+
+
+# --- fixes: big integers, axis labels, long names, unknown filters --------------------------------------------------
+# These run last: they add jobs, files and models that the tests above do not expect.
+
+
+def fits_the_window(browser: Browser) -> None:
+    """The page does not scroll sideways: nothing is wider than the window."""
+    scroll, inner = browser.driver.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert scroll <= inner, f"{browser.driver.current_url} is {scroll} px wide in a {inner} px window"
+
+
+def in_page(browser: Browser, script: str, *args: Any) -> Any:
+    """Run `script` (the body of an async function of `args`) in the page; its result, or the error it threw."""
+    result = browser.driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        f"(async (args) => {{ {script} }})(Array.from(arguments).slice(0, -1))"
+        ".then((value) => done({value}), (error) => done({error: String(error)}));", *args)
+    assert "error" not in result, result["error"]
+    return result["value"]
+
+
+def test_seeds_beyond_2_53_keep_every_digit_and_the_learning_rate_axis_reads_true(
+        browser: Browser, api: Api, jobs: dict[str, Any]):
+    body = train_body(jobs["file"], 20)
+    body.update(seed=BIG_SEED, suffix=LONG_SUFFIX)
+    body["hyperparameters"].update(learning_rate=6e-4, warmup_steps=5)
+    job = submit(api, body)
+    assert job["seed"] == BIG_SEED  # Python reads JSON integers exactly
+    generate = submit(api, {"type": "generate", "model": jobs["model"], "prompts": ["Hello"],
+                            "sampling": {"max_new_tokens": 4, "seed": BIG_SAMPLING_SEED}})
+    assert generate["sampling"]["seed"] == BIG_SAMPLING_SEED
+
+    # Followed live (the event stream's `data:` payloads), then read again from the JSON routes after a reload.
+    signed_in(browser, api, f"/jobs/{job['id']}")
+    finished(api, job["id"], JOB_TIMEOUT)
+    visible_text(browser, "job-summary", "succeeded")
+    for when in ("followed live", "reloaded"):
+        if when == "reloaded":
+            browser.driver.refresh()
+        parameters = visible_text(browser, "job-parameters", f"seed {BIG_SEED}")
+        assert "5491092537469876000" not in parameters.text and "5,491" not in parameters.text, when
+        if when == "followed live":
+            mode = find(browser, "live-mode").get_attribute("data-mode")
+            assert mode in (None, "stream")  # None: the job had ended before the page first read it
+
+    # The stream itself, read by the page's own reader: the final job's seed arrives as an exact BigInt.
+    streamed = in_page(browser, """
+        const { readJobStream } = await import("/static/dashboard/js/sse.js");
+        let end = null;
+        const outcome = await readJobStream(args[0], { signal: new AbortController().signal,
+                                                       handlers: { onEnd: (j) => { end = j; } } });
+        return { outcome: outcome.outcome, type: typeof end?.seed, seed: String(end?.seed) };""", job["id"])
+    assert streamed == {"outcome": "end", "type": "bigint", "seed": str(BIG_SEED)}
+
+    # The learning-rate axis (peak 6e-4): distinct labels that read back as evenly spaced ticks, written 2e-4 and
+    # the like, not uPlot's default 0, 0, 0.001.
+    chart = chart_points(browser, loss_points(api, job["id"]))
+    labels = json.loads(wait(browser, lambda d: chart.get_attribute("data-lr-ticks"), "no learning-rate ticks"))
+    values = [float(label) for label in labels]
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+    gaps = [b - a for a, b in zip(values, values[1:])]
+    assert all(gap > 0 and abs(gap - gaps[0]) <= 1e-9 * abs(gaps[0]) + 1e-15 for gap in gaps), labels
+    assert max(values) <= 1e-3 and all(re.fullmatch(r"0|\d(\.\d+)?e-\d+", label) for label in labels), labels
+    formatted = in_page(browser, """
+        const { formatTicks } = await import("/static/dashboard/js/chart.js");
+        return [formatTicks([0, 2e-4, 4e-4, 6.000000000000001e-4]), formatTicks([0, 2.5e-4, 5e-4, 7.5e-4]),
+                formatTicks([2.5, 3, 3.5])];""")
+    assert formatted == [["0", "2e-4", "4e-4", "6e-4"], ["0", "2.5e-4", "5e-4", "7.5e-4"], ["2.5", "3", "3.5"]]
+
+    finished(api, generate["id"], JOB_TIMEOUT)
+    signed_in(browser, api, f"/jobs/{generate['id']}")
+    parameters = visible_text(browser, "job-parameters", str(BIG_SAMPLING_SEED))
+    assert "61145889012496264" not in parameters.text and "61,145" not in parameters.text
+
+
+def test_long_names_wrap_or_are_cut_and_no_page_scrolls_sideways(
+        browser: Browser, api: Api, jobs: dict[str, Any], tmp_path: Path):
+    assert len(LONG_FILENAME) == 240 and len(LONG_MODEL_NAME) == 255 and len(LONG_SUFFIX) == 40
+    with corpus_file(tmp_path, 2000).open("rb") as text:
+        uploaded = api.post("/v1/files", files={"file": (LONG_FILENAME, text)}, data={"purpose": "train"})
+    assert uploaded.status_code == 201, uploaded.text
+    imported = api.post("/v1/models", files={"file": ("long.tar.gz", tar_bytes(checkpoint()))},
+                        data={"name": LONG_MODEL_NAME})
+    assert imported.status_code == 201, imported.text
+
+    signed_in(browser, api, "/files")
+    row = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-file-id="{uploaded.json()["id"]}"]'),
+               "the file with a long name is not listed")
+    name = row.find_element(By.CSS_SELECTOR, ".long-text")
+    assert name.get_attribute("title") == LONG_FILENAME  # the whole name on hover
+    assert name.text and LONG_FILENAME.startswith(name.text.replace("\n", "")[:40])
+    fits_the_window(browser)
+
+    signed_in(browser, api, "/models")
+    row = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-model-id="{imported.json()["id"]}"]'),
+               "the model with a long name is not listed")
+    assert row.find_element(By.CSS_SELECTOR, ".long-text").get_attribute("title") == LONG_MODEL_NAME
+    titles = [e.get_attribute("title") for e in browser.driver.find_elements(By.CSS_SELECTOR, "td .long-text")]
+    assert any(title.endswith(f":{LONG_SUFFIX}") for title in titles), titles  # a trained model, long suffix
+    fits_the_window(browser)
+
+    for path in ("/jobs", f"/jobs/{jobs['train']['id']}"):
+        signed_in(browser, api, path)
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "table tbody tr"), f"{path} shows no table")
+        fits_the_window(browser)
+
+
+def test_unknown_filter_values_are_named_not_silently_dropped(browser: Browser, api: Api, jobs: dict[str, Any]):
+    driver = browser.driver
+    signed_in(browser, api, "/jobs?status=bogus&type=%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+    note = visible_text(browser, "filter-notice", "Unknown status “bogus”: showing jobs of any status.")
+    assert "Unknown type “<script>alert(1)</script>”: showing jobs of any type." in note.text  # as text, not HTML
+    assert not driver.find_elements(By.CSS_SELECTOR, "main script")
+    wait(browser, lambda d: set(job_row_ids(browser)) >= {jobs["train"]["id"], jobs["failed"]["id"]},
+         "the jobs list is not shown under the notice")
+    assert Select(find(browser, "filter-status")).first_selected_option.get_attribute("value") == ""
+
+    # Choosing a filter keeps only known values in the address; the notice goes.
+    Select(find(browser, "filter-status")).select_by_value("failed")
+    wait(browser, lambda d: d.current_url == f"{browser.base_url}/jobs?status=failed", "the address kept bad values")
+    wait(browser, lambda d: jobs["failed"]["id"] in job_row_ids(browser), "the failed job is not listed")
+    assert not driver.find_elements(*by_testid("filter-notice"))

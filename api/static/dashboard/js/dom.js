@@ -77,7 +77,7 @@ export function formatDuration(seconds) {
   return `${Math.floor(s / 3600)} h ${pad(Math.floor((s % 3600) / 60))} min`;
 }
 
-/** Bytes -> "466.3 kB" (powers of 1000, as the README writes sizes). */
+/** Bytes -> "466.3 kB" (powers of 1000, as the README writes sizes; a no-break space before the unit). */
 export function formatBytes(bytes) {
   if (bytes === null || bytes === undefined) return "—";
   const units = ["B", "kB", "MB", "GB", "TB"];
@@ -87,7 +87,7 @@ export function formatBytes(bytes) {
     value /= 1000;
     unit += 1;
   }
-  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+  return unit === 0 ? `${value}\u00a0B` : `${value.toFixed(1)}\u00a0${units[unit]}`; // never "466.3" / "kB"
 }
 
 /**

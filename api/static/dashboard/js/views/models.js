@@ -8,13 +8,13 @@ const PAGE_SIZE = 50;
 function shape(config) {
   if (!config) return "—";
   const parts = ["n_layer", "n_head", "n_embd", "n_positions"].filter((k) => config[k] !== undefined)
-    .map((k) => `${k} ${config[k]}`);
+    .map((k) => `${k}\u00a0${config[k]}`); // a no-break space: "n_embd 384" stays on one line
   return parts.join(" · ") || "—";
 }
 
 export async function renderModels(main, ctx) {
   document.title = "Models · gpt2-jobs";
-  const table = dataTable(["Model", "Name", "Source", "Job", "Parameters", "Shape", "Created"], [],
+  const table = dataTable(["Model", "Name", "Source", "Parameters", "Shape", "Created"], [],
     { "data-testid": "models-table" });
   const body = table.tBodies[0];
   const message = h("div", {});
@@ -24,9 +24,10 @@ export async function renderModels(main, ctx) {
     h("p", { class: "muted" }, "Models come from train and finetune jobs, or are imported with POST /v1/models."),
     message, table, more);
 
-  const modelRow = (m) => row([h("code", {}, m.id), longText(m.name), m.source,
-    m.job_id ? link(`/jobs/${encodeURIComponent(m.job_id)}`, h("code", {}, m.job_id)) : "—",
-    formatNumber(m.parameter_count), shape(m.config), timeEl(m.created_at)], { "data-model-id": m.id });
+  // Source: "import", or the job that trained the model, linked (one column: the table fits 1280 px with long names).
+  const source = (m) => (m.job_id ? link(`/jobs/${encodeURIComponent(m.job_id)}`, h("code", {}, m.job_id)) : m.source);
+  const modelRow = (m) => row([h("code", {}, m.id), longText(m.name), source(m), formatNumber(m.parameter_count),
+    shape(m.config), timeEl(m.created_at)], { "data-model-id": m.id });
 
   let after = null;
   const load = async () => {
@@ -35,7 +36,7 @@ export async function renderModels(main, ctx) {
       const page = await getList("/models", { limit: PAGE_SIZE, after }, { signal: ctx.signal });
       body.append(...page.data.map(modelRow));
       if (after === null && page.data.length === 0) {
-        body.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No models.")));
+        body.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No models.")));
       }
       after = page.last_id ?? after;
       more.hidden = !page.has_more;
