@@ -64,7 +64,6 @@ def demo(args: argparse.Namespace) -> None:
         learning_rate=3e-3,
         warmup_steps=args.steps // 10,
         eval_every=max(args.steps // 4, 1),
-        eval_steps=10,
         checkpoint_every=max(args.steps // 2, 1),
         checkpoint_dir=out / "checkpoints",
         keep_last_checkpoints=1,

@@ -524,6 +524,17 @@ def as_token_array(data) -> np.ndarray:
     return arr
 
 
+def eval_window_starts(num_tokens: int, block_size: int, max_windows: int) -> np.ndarray:
+    """Where the evaluation windows of a validation split of `num_tokens` tokens start: its non-overlapping
+    `block_size` windows in order (window k reads tokens [k*T, k*T + T] as inputs and targets), all of them when
+    there are at most `max_windows`, else `max_windows` of them evenly spread (window floor(j * n / max_windows)
+    for j = 0 .. max_windows - 1). It depends on nothing else, no seed: every run scoring the same split with the
+    same block size scores the same tokens, so their validation losses compare. int64 offsets, possibly empty."""
+    n = max(num_tokens - 1, 0) // block_size
+    index = np.arange(n, dtype=np.int64) if n <= max_windows else (np.arange(max_windows, dtype=np.int64) * n) // max_windows
+    return index * block_size
+
+
 class BatchLoader:
     """Random (B, T) windows of a token array and their next-token targets, reproducible from a seed.
 

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .data import BatchLoader
+from .data import BatchLoader, eval_window_starts
 from .device import default_device
 from .model import GPT2
 
@@ -68,7 +68,9 @@ class TrainConfig:
 
     ``batch_size`` is the micro-batch; one optimizer step sees ``batch_size * grad_accum_steps`` windows of
     ``block_size`` tokens (None: the model's block_size). ``min_lr`` None means ``learning_rate / 10``.
-    ``eval_every``, ``sample_every``, ``checkpoint_every`` are in optimizer steps; 0 turns that off.
+    ``eval_every``, ``sample_every``, ``checkpoint_every`` are in optimizer steps; 0 turns that off. An
+    evaluation scores the validation split's non-overlapping windows, at most ``eval_windows`` of them evenly
+    spread (``Trainer.evaluate``): deterministic, the same for every run on the same split and block size.
     ``grad_clip`` 0 or None turns clipping off. ``keep_last_checkpoints`` (None: all) deletes older
     ``step-*`` directories after each new checkpoint.
     """
@@ -85,7 +87,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     eval_every: int = 0
-    eval_steps: int = 20
+    eval_windows: int = 256
     sample_every: int = 0
     sample_prompts: Sequence[str] = ("",)  # "" starts from the end-of-text token: GPT-2's unconditional samples
     sample_max_new_tokens: int = 64
@@ -109,7 +111,7 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_steps", "sample_max_new_tokens"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_windows", "sample_max_new_tokens"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "a positive integer")
         for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "sample_top_k"):
@@ -471,19 +473,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the same ``eval_steps`` validation batches every time."""
+        """Mean next-token loss (nats per token) over the validation split's evaluation windows
+        (``data.eval_window_starts``: every non-overlapping ``block_size`` window, or ``eval_windows`` of them
+        evenly spread): the same tokens at every evaluation and for every run with the same split and block size,
+        whatever its seed, in batches of ``batch_size`` windows."""
         if self.val_loader is None:
             raise ValueError("no val_data was given")
+        data, T = self.val_loader.data, self.val_loader.block_size
+        starts = eval_window_starts(len(data), T, self.config.eval_windows)
         was_training = self.model.training
         self.model.eval()
         try:
-            losses = []
-            for i in range(self.config.eval_steps):
-                x, y = self._to_device(*self.val_loader.batch(i))
+            total, tokens = torch.zeros((), dtype=torch.float64), 0
+            for first in range(0, len(starts), self.config.batch_size):
+                windows = np.stack([np.asarray(data[s : s + T + 1], dtype=np.int64)
+                                    for s in starts[first : first + self.config.batch_size]])
+                w = torch.from_numpy(windows)
+                x, y = self._to_device(w[:, :-1], w[:, 1:])
                 with self._autocast():
                     _, loss = self.forward_model(x, y)
-                losses.append(loss.float())
-            return torch.stack(losses).mean().item()
+                total += loss.double().cpu() * y.numel()  # the batch's mean back to its sum
+                tokens += y.numel()
+            return (total / tokens).item()
         finally:
             self.model.train(was_training)
 

@@ -89,7 +89,7 @@ class Recorder(TrainerCallback):
         ("betas", (0.9, 1.5)),
         ("grad_clip", -1.0),
         ("eval_every", -1),
-        ("eval_steps", 0),
+        ("eval_windows", 0),
         ("sample_prompts", "not a list"),
         ("block_size", 0),
         ("checkpoint_every", 10),  # without checkpoint_dir
@@ -172,7 +172,7 @@ def test_finetune_from_pretrained_and_loader_inputs(tmp_path):
     loaded = GPT2.from_pretrained(tmp_path / "base", tokenizer_vocab_size=None)  # a 256-token model
     data.tofile(tmp_path / "train.bin")
     loader = BatchLoader(tmp_path / "train.bin", block_size=32, batch_size=4, seed=5)
-    cfg = TrainConfig(max_steps=3, warmup_steps=0, device="cpu", eval_every=3, eval_steps=2)
+    cfg = TrainConfig(max_steps=3, warmup_steps=0, device="cpu", eval_every=3, eval_windows=2)
     result = Trainer(loaded, cfg, loader, torch.from_numpy(data[:500].astype(np.int64))).fit()
     assert result.steps == 3 and loader.position == 3 and result.val_loss is not None
     assert result.perplexity == pytest.approx(math.exp(result.val_loss))
@@ -192,7 +192,7 @@ def run_training(ckpt_dir, *, resume_from=None, stop_after=None, max_steps=8, ch
         checkpoint_every=checkpoint_every,
         checkpoint_dir=ckpt_dir,
         eval_every=4,
-        eval_steps=2,
+        eval_windows=2,
         device="cpu",
         seed=7,
     )
@@ -273,7 +273,7 @@ def test_callbacks_receive_step_eval_and_checkpoint_events(tmp_path):
     recorder = Recorder()
     cfg = TrainConfig(
         max_steps=5, batch_size=2, block_size=16, grad_accum_steps=2, learning_rate=1e-3, warmup_steps=2,
-        eval_every=2, eval_steps=3, checkpoint_every=2, checkpoint_dir=tmp_path, keep_last_checkpoints=2, device="cpu",
+        eval_every=2, eval_windows=3, checkpoint_every=2, checkpoint_dir=tmp_path, keep_last_checkpoints=2, device="cpu",
     )
     t0 = time.perf_counter()
     result = Trainer(small_model(), cfg, random_tokens(2000), random_tokens(500, seed=2), callbacks=[recorder]).fit()
@@ -296,9 +296,37 @@ def test_callbacks_receive_step_eval_and_checkpoint_events(tmp_path):
 
 
 def test_evaluation_is_deterministic():
-    trainer = Trainer(small_model(), TrainConfig(eval_steps=3, batch_size=2, block_size=16, device="cpu"),
+    trainer = Trainer(small_model(), TrainConfig(eval_windows=3, batch_size=2, block_size=16, device="cpu"),
                       random_tokens(2000), random_tokens(300, seed=3))
     assert trainer.evaluate() == trainer.evaluate()
+
+
+def test_evaluation_scores_every_window_of_the_split_whatever_the_seed():
+    """Validation loss is the token-weighted mean over the split's non-overlapping windows (a last partial batch
+    weighs what its tokens weigh), the same for runs with different seeds and batch sizes."""
+    model, val = small_model(), random_tokens(333, seed=3)
+    losses = []
+    for seed, batch_size in ((1, 2), (99, 3), (5, 64)):
+        cfg = TrainConfig(batch_size=batch_size, block_size=16, device="cpu", seed=seed)
+        losses.append(Trainer(model, cfg, random_tokens(2000), val).evaluate())
+    windows = torch.stack([torch.as_tensor(val[k * 16: k * 16 + 17], dtype=torch.long) for k in range(332 // 16)])
+    with torch.no_grad():
+        model.eval()
+        logits, _ = model(windows[:, :-1])
+        direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten()).item()
+    assert losses[0] == pytest.approx(direct, rel=1e-6)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_evaluation_windows_of_a_large_split_are_a_fixed_even_subset():
+    from gpt2core.data import eval_window_starts
+
+    assert eval_window_starts(100, 16, 10).tolist() == [0, 16, 32, 48, 64, 80]  # (100 - 1) // 16 = 6 windows
+    assert eval_window_starts(16, 16, 10).tolist() == []  # no room for a window and its targets
+    many = eval_window_starts(1_000_001, 100, 256)
+    assert len(many) == 256 and many[0] == 0 and many[-1] <= 1_000_001 - 101
+    gaps = np.diff(many)
+    assert set(gaps.tolist()) <= {3900, 4000}  # evenly spread: 10,000 windows, every ~39th
 
 
 def test_samples_reach_callbacks(tmp_path):
@@ -343,7 +371,7 @@ def test_visibly_learns_python_docs(tmp_path):
     torch.manual_seed(0)
     model = GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=len(ids)))
     cfg = TrainConfig(max_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=15, eval_every=75,
-                      eval_steps=10, device="cpu")
+                      eval_windows=160, device="cpu")
     result = Trainer(model, cfg, train, val).fit()
     print(f"val loss {result.val_loss:.3f} vs unigram entropy {entropy:.3f} nats")
     assert result.val_loss < entropy - 1.5
