@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,31 @@ class Stack:
     def client(self, owner: str) -> Api:
         assert self.api_url is not None, "start_api() first"
         return Api(self.api_url, self.create_key(owner))
+
+
+@contextmanager
+def module_stack(tmp_path_factory, name: str) -> Iterator[Stack]:
+    """A stack for a whole test module: gunicorn and a celery worker on the embedded default (SQLite and the
+    filesystem broker), stopped at the end; a process that died on its own has its output printed."""
+    started: list[ServiceProcess] = []
+
+    def launch(argv: list[str], overrides: dict[str, str], label: str) -> ServiceProcess:
+        started.append(ServiceProcess(venv_command(argv), service_env(overrides), label))
+        return started[-1]
+
+    var = tmp_path_factory.mktemp(name) / "var"
+    platform = Stack(launch, {"GPT2JOBS_VAR_DIR": str(var), "JOB_LEASE_SECONDS": LEASE_SECONDS})
+    try:
+        platform.migrate()
+        platform.start_api()
+        platform.start_worker("w1")
+        yield platform
+    finally:
+        for process in started:
+            process.stop()
+        for process in started:
+            if process.proc.returncode not in (0, None, -15):
+                print(f"----- {process.name} (exit {process.proc.returncode}) -----\n{process.output()[-20000:]}")
 
 
 @pytest.fixture

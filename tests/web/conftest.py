@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServiceProcess, service_env, venv_command
-from tests.e2e.conftest import LEASE_SECONDS, Api, Stack
+from tests.e2e.conftest import Api, Stack, module_stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -18,25 +17,8 @@ WINDOW = (1280, 900)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    started: list[ServiceProcess] = []
-
-    def launch(argv: list[str], overrides: dict[str, str], name: str) -> ServiceProcess:
-        started.append(ServiceProcess(venv_command(argv), service_env(overrides), name))
-        return started[-1]
-
-    var = tmp_path_factory.mktemp("web") / "var"
-    platform = Stack(launch, {"GPT2JOBS_VAR_DIR": str(var), "JOB_LEASE_SECONDS": LEASE_SECONDS})
-    try:
-        platform.migrate()
-        platform.start_api()
-        platform.start_worker("w1")
+    with module_stack(tmp_path_factory, "web") as platform:
         yield platform
-    finally:
-        for process in started:
-            process.stop()
-        for process in started:
-            if process.proc.returncode not in (0, None, -15):
-                print(f"----- {process.name} (exit {process.proc.returncode}) -----\n{process.output()[-20000:]}")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 // /files: the caller's uploaded files, newest first (purpose filter kept in the address: /files?purpose=train).
 
-import { getList } from "../api.js";
-import { dataTable, formatBytes, formatNumber, h, longText, notice, replace, row, timeEl } from "../dom.js";
+import { dataTable, formatBytes, formatNumber, h, longText, row, timeEl } from "../dom.js";
+import { pagedList } from "./paged.js";
 
 const PURPOSES = ["train", "generate"];
 const PAGE_SIZE = 50;
@@ -16,7 +16,6 @@ export async function renderFiles(main, ctx) {
 
   const table = dataTable(["File", "Name", "Purpose", "Size", "Records", "Tokens", "SHA-256", "Uploaded"], [],
     { "data-testid": "files-table" });
-  const body = table.tBodies[0];
   const message = h("div", {});
   const more = h("button", { type: "button", class: "button secondary", hidden: true }, "Load more");
   main.append(
@@ -29,23 +28,6 @@ export async function renderFiles(main, ctx) {
     formatNumber(f.records), formatNumber(f.tokens), h("code", { title: f.sha256 }, `${f.sha256.slice(0, 12)}…`),
     timeEl(f.created_at)], { "data-file-id": f.id });
 
-  let after = null;
-  const load = async () => {
-    more.disabled = true;
-    try {
-      const page = await getList("/files", { purpose, limit: PAGE_SIZE, after }, { signal: ctx.signal });
-      body.append(...page.data.map(fileRow));
-      if (after === null && page.data.length === 0) {
-        body.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No files.")));
-      }
-      after = page.last_id ?? after;
-      more.hidden = !page.has_more;
-    } catch (exc) {
-      if (exc.name !== "AbortError") replace(message, notice("error", exc.message));
-    } finally {
-      more.disabled = false;
-    }
-  };
-  more.addEventListener("click", load);
-  await load();
+  await pagedList({ path: "/files", query: { purpose }, pageSize: PAGE_SIZE, table, toRow: fileRow, empty: "No files.",
+    message, more, ctx });
 }

@@ -1,7 +1,7 @@
 // /models: the caller's registered models (imported, or produced by train and finetune jobs), newest first.
 
-import { getList } from "../api.js";
-import { dataTable, formatNumber, h, link, longText, notice, replace, row, timeEl } from "../dom.js";
+import { dataTable, formatNumber, h, link, longText, row, timeEl } from "../dom.js";
+import { pagedList } from "./paged.js";
 
 const PAGE_SIZE = 50;
 
@@ -16,7 +16,6 @@ export async function renderModels(main, ctx) {
   document.title = "Models · gpt2-jobs";
   const table = dataTable(["Model", "Name", "Source", "Parameters", "Shape", "Created"], [],
     { "data-testid": "models-table" });
-  const body = table.tBodies[0];
   const message = h("div", {});
   const more = h("button", { type: "button", class: "button secondary", hidden: true }, "Load more");
   main.append(
@@ -29,23 +28,6 @@ export async function renderModels(main, ctx) {
   const modelRow = (m) => row([h("code", {}, m.id), longText(m.name), source(m), formatNumber(m.parameter_count),
     shape(m.config), timeEl(m.created_at)], { "data-model-id": m.id });
 
-  let after = null;
-  const load = async () => {
-    more.disabled = true;
-    try {
-      const page = await getList("/models", { limit: PAGE_SIZE, after }, { signal: ctx.signal });
-      body.append(...page.data.map(modelRow));
-      if (after === null && page.data.length === 0) {
-        body.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No models.")));
-      }
-      after = page.last_id ?? after;
-      more.hidden = !page.has_more;
-    } catch (exc) {
-      if (exc.name !== "AbortError") replace(message, notice("error", exc.message));
-    } finally {
-      more.disabled = false;
-    }
-  };
-  more.addEventListener("click", load);
-  await load();
+  await pagedList({ path: "/models", query: {}, pageSize: PAGE_SIZE, table, toRow: modelRow, empty: "No models.",
+    message, more, ctx });
 }
