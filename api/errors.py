@@ -1,6 +1,8 @@
 """Every error is JSON: {"error": {"code", "message", "param"}} with a stable code."""
 from __future__ import annotations
 
+import re
+
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -11,7 +13,7 @@ from jobs.errors import Conflict, DomainError, NotFound, TooLarge, new_reference
 from jobs.models import JOB_TYPES
 from jobs.storage import disk_full_error
 
-from jobs.specs import MODEL_TAGS
+from jobs.specs import METHOD_TAGS, MODEL_TAGS
 
 DOMAIN_STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413))
 
@@ -30,13 +32,30 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 
 def validation_param(error: ErrorDetails) -> str:
     """The dotted path of the field a pydantic error is about (discriminated-union tags dropped)."""
-    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        return "type"  # the job-type discriminator itself is wrong
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a discriminator is wrong: the job's
+        field = [str(p) for i, p in enumerate(error["loc"]) if i or p not in JOB_TYPES]  # type, or a field's
+        return ".".join([*field, "type"])  # ("method.type")
     loc = list(error["loc"])
     if loc and loc[0] in JOB_TYPES:  # the job type's tag, always first
         loc = loc[1:]
-    parts = [str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "model" and p in MODEL_TAGS)]
+    parts = [str(p) for i, p in enumerate(loc) if not (i and (loc[i - 1] == "model" and p in MODEL_TAGS
+                                                              or loc[i - 1] == "method" and p in METHOD_TAGS))
+             and not UNION_MEMBER.match(str(p))]
     return ".".join(parts) if parts else "body"
+
+
+#: How pydantic names the member of a plain union an error is about ("constrained-int", "literal['auto']").
+UNION_MEMBER = re.compile(r"^(constrained-\w+|literal\[.*\]|int|float|str|none)$")
+
+
+def validation_message(errors: list[ErrorDetails]) -> str:
+    """The first error's message; for a number that may also be "auto" (a union), says so."""
+    first = errors[0]
+    param = validation_param(first)
+    also = [e for e in errors[1:] if validation_param(e) == param and str(e["loc"][-1]).startswith("literal[")]
+    alternatives = " or ".join(str((e.get("ctx") or {}).get("expected", "")).replace("'", '"') for e in also)
+    message = first["msg"] + (f", or {alternatives}" if alternatives else "")
+    return f"{param}: {message}"
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -56,9 +75,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ValidationError)
     def invalid_body(exc: ValidationError):
-        first = exc.errors(include_url=False)[0]
-        param = validation_param(first)
-        return error_response(422, "invalid_request", f"{param}: {first['msg']}", param)
+        errors = exc.errors(include_url=False)
+        return error_response(422, "invalid_request", validation_message(errors), validation_param(errors[0]))
 
     @app.errorhandler(OperationalError)
     def database_unavailable(exc: OperationalError):

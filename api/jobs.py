@@ -1,14 +1,16 @@
-"""/v1/jobs: submit, list, fetch and cancel jobs; their events, checkpoints and generation results."""
+"""/v1/jobs: submit, list, fetch, cancel, pause and resume jobs; their events, checkpoints (any of which can be
+registered as a model) and generation results."""
 from __future__ import annotations
 
 import json
-import re
 import logging
+import math
+import re
 from typing import Any, Iterator
 
 from flask import Response, request
 
-from jobs import repository
+from jobs import checkpoint_models, repository
 from jobs.db import session_scope
 from jobs.errors import BrokerUnavailable, Conflict, InvalidInput
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
@@ -22,6 +24,7 @@ from jobs.text import storable
 
 from .context import owner, page, paging, platform, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
+from .model_routes import shape as model_object
 from .event_stream import event_stream_response, last_event_id, wants_event_stream
 
 jobs = v1_blueprint("jobs")
@@ -97,7 +100,7 @@ def submit_job():
         raise ApiError(422, "invalid_request", "body: the job must be a JSON object", "body")
     if "type" not in body:
         raise ApiError(422, "invalid_request", "type: one of train, finetune, generate is required", "type")
-    spec = JOB_SPEC.validate_python(body)
+    spec = JOB_SPEC.validate_python(body, context={"submission": True})
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (len(key) <= NAME_LENGTH and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, key)):
         raise ApiError(400, "invalid_request", f"Idempotency-Key must be 1 to {NAME_LENGTH} printable ASCII "
@@ -153,6 +156,29 @@ def cancel_job(job_id: str):
         return job_object(repository.cancel_job(session, owner(), job_id))
 
 
+@jobs.post("/jobs/<job_id>/pause")
+def pause_job(job_id: str):
+    """Pause: a queued job is paused at once; a running one becomes pausing until its worker stops at a
+    checkpoint (training) or its shards being generated are stored (generation), then paused. 409 once it is
+    cancelling or finished; a pausing or paused job is returned unchanged."""
+    with unit_of_work() as session:
+        return job_object(repository.pause_job(session, owner(), job_id))
+
+
+@jobs.post("/jobs/<job_id>/resume")
+def resume_job(job_id: str):
+    """Resume a paused job: queued again, it continues from its checkpoint (training: the same losses as a run
+    never paused) or with the prompts not done yet (generation). 409 unless paused."""
+    with unit_of_work() as session:
+        job = repository.resume_job(session, owner(), job_id)
+        shown = job_object(job)
+    try:
+        enqueue(platform().celery, job.type, job.id)
+    except BrokerUnavailable:  # stored as queued: the workers' reconciliation sends it once the broker answers
+        log.warning("job %s resumed but not sent: the broker is unreachable", job.id)
+    return shown
+
+
 def event_object(event: JobEvent) -> dict[str, Any]:
     return {"id": event.id, "object": "job.event", "created_at": unix(event.created_at), "level": event.level,
             "type": event.type, "message": event.message, "data": event.data}
@@ -171,9 +197,19 @@ def list_events(job_id: str):
 
 
 def checkpoint_object(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Metrics: the step's training loss; validation loss, perplexity and token accuracy when the step was an
+    evaluation step (null otherwise)."""
+    val_loss = checkpoint.val_loss
     return {"id": checkpoint.id, "object": "job.checkpoint", "step": checkpoint.step,
-            "train_loss": checkpoint.train_loss, "val_loss": checkpoint.val_loss,
+            "train_loss": checkpoint.train_loss, "val_loss": val_loss,
+            "val_perplexity": None if val_loss is None else perplexity(val_loss),
+            "val_accuracy": checkpoint.val_accuracy,
             "created_at": unix(checkpoint.created_at), "bytes": checkpoint.bytes}
+
+
+def perplexity(loss: float) -> float | None:
+    """exp(loss); None (JSON null) where it overflows a double."""
+    return math.exp(loss) if loss < 709 else None
 
 
 @jobs.get("/jobs/<job_id>/checkpoints")
@@ -181,6 +217,21 @@ def list_checkpoints(job_id: str):
     """The job's checkpoints, by step."""
     with unit_of_work() as session:
         return page(repository.list_checkpoints(session, owner(), job_id), False, checkpoint_object)
+
+
+@jobs.post("/jobs/<job_id>/checkpoints/<checkpoint_id>/model")
+def register_checkpoint(job_id: str, checkpoint_id: str):
+    """Register one of the job's checkpoints as a model (optional JSON `{"name": ...}`): 201 with the model, or
+    200 with the one this checkpoint already made. Any status of the job: running, paused, failed, finished."""
+    name = None
+    if request.get_data():
+        body = json_body()
+        if not isinstance(body, dict) or set(body) - {"name"} or not isinstance(body.get("name", ""), (str, type(None))):
+            raise ApiError(422, "invalid_request", 'body: give nothing, or {"name": "<model name>"}', "name")
+        name = body.get("name")
+    model, created = checkpoint_models.register_checkpoint(
+        platform().sessions, platform().artifacts, owner(), job_id, checkpoint_id, name)
+    return model_object(model), 201 if created else 200, {"Location": f"/v1/models/{model.id}"}
 
 
 def result_object(result: GenerationResult) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def shape(model: Model) -> dict[str, Any]:
         "name": model.name,
         "source": model.source,
         "job_id": model.job_id,
+        "checkpoint_step": model.checkpoint_step,
         "config": model.config,
         "parameter_count": model.parameter_count,
         "created_at": unix(model.created_at),

@@ -125,14 +125,20 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                   "message": {"type": "string"}, "data": {"type": ["object", "null"]}}),
     "Checkpoint": obj({"id": {"type": "string"}, "object": {"const": "job.checkpoint"},
                        "step": {"type": "integer"}, "train_loss": {"type": ["number", "null"]},
-                       "val_loss": {"type": ["number", "null"]}, "created_at": UNIX_TIME,
-                       "bytes": {"type": "integer", "minimum": 0}}),
+                       "val_loss": {"type": ["number", "null"], "description": "Null unless the step was an "
+                                                                               "evaluation step."},
+                       "val_perplexity": {"type": ["number", "null"]},
+                       "val_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "description":
+                                        "The share of validation targets predicted exactly (argmax)."},
+                       "created_at": UNIX_TIME, "bytes": {"type": "integer", "minimum": 0}}),
     "Result": obj({"id": {"type": "integer", "description": "The same as index: the cursor for `after`."},
                    "custom_id": {"type": ["string", "null"]}, "index": {"type": "integer", "minimum": 0},
                    "prompt": {"type": "string"}, "completions": {"type": "array", "items": {"type": "object"}},
                    "usage": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}}),
     "Model": obj({"id": {"type": "string"}, "object": {"const": "model"}, "name": {"type": "string"},
                   "source": {"enum": list(MODEL_SOURCES)}, "job_id": MAYBE_ID,
+                  "checkpoint_step": {"type": ["integer", "null"], "description": "For source checkpoint: the "
+                                                                                  "step of job_id's checkpoint."},
                   "config": {"type": "object", "description": "The checkpoint's config.json."},
                   "parameter_count": {"type": "integer", "minimum": 0}, "created_at": UNIX_TIME}),
     "ModelDeleted": deleted("model"),
@@ -201,7 +207,9 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "openapi.docs": {"content": {"text/html": {"schema": {"type": "string"}}}},
     "files.upload_file": {"status": "201", "content": json_response("File"), "errors": ["413", "415", "507"],
                           "requestBody": multipart(
-        {"file": {**BINARY, "description": "A train file is UTF-8 text or JSONL with a string `text` on every line; "
+        {"file": {**BINARY, "description": "A train file is UTF-8 text or JSONL with a string `text`, or a string "
+                                           "`prompt` and a string `completion` (the prompt is not trained on), on "
+                                           "every line; "
                                            "a generate file is JSONL with `custom_id` and `prompt` on every line. "
                                            + FILE_NAME_RULE},
          "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}},
@@ -226,6 +234,18 @@ OPERATIONS: dict[str, dict[str, Any]] = {
         AFTER_ID, LIMIT]},
     "jobs.get_job": {"content": json_response("Job")},
     "jobs.cancel_job": {"content": json_response("Job")},
+    "jobs.pause_job": {"content": json_response("Job")},
+    "jobs.resume_job": {"content": json_response("Job")},
+    "jobs.register_checkpoint": {
+        "status": "201", "content": json_response("Model"), "errors": ["415", "422"],
+        "responses": {"200": {"description": "This checkpoint was registered before: its model.",
+                              "content": json_response("Model")}},
+        "headers": {"Location": {"required": True, "description": "The model's URL: /v1/models/<id>.",
+                                 "schema": {"type": "string"}}},
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "properties": {"name": {
+                "type": ["string", "null"], "maxLength": NAME_LENGTH, "description": "Default: the job's model "
+                "name with @step-<step>."}}}}}}},
     "jobs.list_events": {"content": {**json_response("EventList"), "text/event-stream": {"schema": {
         "type": "string", "description": "Sent when the request's Accept prefers text/event-stream: server-sent "
         "events, each job event as `id: <event id>` and `data: <Event>`, oldest first, then new ones as they happen; "

@@ -26,10 +26,14 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "GPT2": "model",
     "GPT2Tokenizer": "tokenizer",
+    "EvalResult": "train",
     "Trainer": "train",
     "TrainerCallback": "train",
     "TrainConfig": "train",
     "TrainResult": "train",
+    "EarlyStopping": "stopping",
+    "LossWatchdog": "stopping",
+    "TrainingDiverged": "stopping",
 }
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "DatasetError",
+    "EvalResult",
     "GPT2",
     "GPT2Config",
     "GPT2Tokenizer",
@@ -48,6 +53,9 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainerCallback",
+    "EarlyStopping",
+    "LossWatchdog",
+    "TrainingDiverged",
     "default_device",
     "generate",
     "load_dataset",
@@ -63,11 +71,12 @@ if TYPE_CHECKING:
     from .generation import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
     from .model import GPT2
     from .tokenizer import GPT2Tokenizer
-    from .train import Trainer, TrainerCallback, TrainConfig, TrainResult
+    from .stopping import EarlyStopping, LossWatchdog, TrainingDiverged
+    from .train import EvalResult, Trainer, TrainerCallback, TrainConfig, TrainResult
 
 
 # Submodules, reachable as attributes (gpt2core.hf) as they were when this package imported them all eagerly.
-_SUBMODULES = {"checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "tokenizer", "train"}
+_SUBMODULES = {"checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "stopping", "tokenizer", "train"}
 
 
 def __getattr__(name: str) -> Any:

@@ -33,8 +33,9 @@ class ProgressPrinter(TrainerCallback):
                 flush=True,
             )
 
-    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
-        print(f"step {step:4d}  val loss {val_loss:.3f}  perplexity {perplexity:.1f}", flush=True)
+    def on_eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None) -> None:
+        shown = f"  token accuracy {accuracy:.1%}" if accuracy is not None else ""
+        print(f"step {step:4d}  val loss {val_loss:.3f}  perplexity {perplexity:.1f}{shown}", flush=True)
 
 
 def unigram_entropy(tokens) -> float:

@@ -13,6 +13,17 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
+#: The nn.Linear layers of GPT-2's blocks (gpt2core.model: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) by
+#: the names LoRA may target (gpt2core.lora; the job spec's method.target_modules): a bare name matches every layer
+#: of that name in every block ("c_proj": the attention and the MLP output projections), a qualified one only that
+#: layer ("attn.c_proj"). lm_head is not one: it shares its weight with the token embedding. Torch-free, so the
+#: job specifications (jobs.specs) check names against this same list.
+GPT2_LINEAR_MODULES: tuple[str, ...] = ("c_attn", "c_proj", "c_fc", "attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                        "mlp.c_proj")
+#: LoRA's default targets: every Linear layer of every block (QLoRA, Dettmers et al. 2023: adapting all of them is
+#: what brings LoRA close to full fine-tuning; peft's own GPT-2 default, c_attn alone, adapts attention only).
+LORA_DEFAULT_TARGET_MODULES: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+
 
 @dataclass
 class GPT2Config:

@@ -18,12 +18,17 @@ JSONL (one JSON object per line): a line holding only JSON whitespace (spaces, t
 line must be a JSON object, with no key twice in one object. Raw control characters inside JSON strings are
 invalid JSON (as RFC 8259 says); escaped ones (``\\u0000``, ``\\r``) are content. Text with an unpaired surrogate
 (a lone ``\\ud800`` escape) is refused: it is not text, and it cannot be encoded as UTF-8 or stored.
+
+Training JSONL: each line is ``{"text": "..."}`` (trained on whole) or ``{"prompt": "...", "completion": "..."}``
+(only the completion and the end-of-text after it are loss targets); one file may mix both. See
+:func:`training_record`.
 """
 from __future__ import annotations
 
 import codecs
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 BOM = "\ufeff"
@@ -171,17 +176,57 @@ def check_text(value: str, number: int, field: str) -> str:
     return value
 
 
-def iter_jsonl_texts(stream: BinaryIO, read_bytes: int = DEFAULT_READ_BYTES) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each non-blank line of a training JSONL file (``{"text": "..."}`` per line).
+@dataclass(frozen=True)
+class TrainingRecord:
+    """One document of a training JSONL file (its `line`, 1-based).
 
-    Raises :class:`CorpusError` for a line that is not a JSON object with a string "text"."""
-    for number, line in iter_lines(stream, read_bytes):
-        if is_blank(line):
-            continue
-        record = parse_json_line(line, number)
-        if "text" not in record:
-            raise CorpusError(number, 'JSON object has no "text" field')
+    ``{"text": t}`` reads as ``prompt == ""``, ``completion == t``: trained on whole. ``{"prompt": p,
+    "completion": c}`` reads as given: ``p`` is context only (its tokens are inputs, never loss targets), ``c``
+    and the end-of-text token after it are the targets. Training tokenizes the two separately and concatenates
+    them (``encode(prompt) + encode(completion) + [eot]``), so the boundary between them is exact; a record with
+    both empty is no document (as an empty "text" is not)."""
+
+    line: int
+    prompt: str
+    completion: str
+
+    @property
+    def empty(self) -> bool:
+        return not self.prompt and not self.completion
+
+
+def training_record(record: dict[str, Any], number: int) -> TrainingRecord:
+    """The rule for one training JSONL object (line `number`): either a string "text", or a string "prompt" and a
+    string "completion" (a file may mix the two kinds, line by line). Other fields are data, not settings, and are
+    ignored (a corpus carries "source", "id", ...); but "text" with "prompt" or "completion" is refused as
+    ambiguous. Raises :class:`CorpusError` saying what is wrong."""
+    has_prompt, has_completion = "prompt" in record, "completion" in record
+    if "text" in record:
+        if has_prompt or has_completion:
+            other = "prompt" if has_prompt else "completion"
+            raise CorpusError(number, f'has both "text" and "{other}": a line is either {{"text": ...}} or '
+                              '{"prompt": ..., "completion": ...}')
         text = record["text"]
         if not isinstance(text, str):
             raise CorpusError(number, f'"text" must be a string, got {type(text).__name__}')
-        yield number, check_text(text, number, "text")
+        return TrainingRecord(number, "", check_text(text, number, "text"))
+    if not has_prompt and not has_completion:
+        raise CorpusError(number, 'JSON object has no "text" field (nor "prompt" and "completion")')
+    if not has_completion:
+        raise CorpusError(number, 'has "prompt" but no "completion" (a prompt/completion line needs both)')
+    if not has_prompt:
+        raise CorpusError(number, 'has "completion" but no "prompt" (a prompt/completion line needs both)')
+    for field in ("prompt", "completion"):
+        if not isinstance(record[field], str):
+            raise CorpusError(number, f'"{field}" must be a string, got {type(record[field]).__name__}')
+        check_text(record[field], number, field)
+    return TrainingRecord(number, record["prompt"], record["completion"])
+
+
+def iter_training_records(stream: BinaryIO, read_bytes: int = DEFAULT_READ_BYTES) -> Iterator[TrainingRecord]:
+    """The record of each non-blank line of a training JSONL file (:func:`training_record`'s rule), empty ones
+    included (the caller skips them). Raises :class:`CorpusError` at the first line that breaks the rules."""
+    for number, line in iter_lines(stream, read_bytes):
+        if is_blank(line):
+            continue
+        yield training_record(parse_json_line(line, number), number)

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -119,12 +119,14 @@ def _copy_into(param: torch.Tensor, name: str, tensor: torch.Tensor, file: str, 
     param[rows:].zero_()
 
 
-def save_pretrained(model: "GPT2", path: str | Path) -> None:
+def save_pretrained(model: "GPT2", path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and model.safetensors for `model`; `state_dict` (GPT2's keys) replaces its own weights
+    (gpt2core.lora writes a LoRA model's merged weights so, without merging the model itself)."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state_dict is None else state_dict).items():
         if key == "lm_head.weight":
             continue
         tensor = value.detach().to("cpu", torch.float32)

@@ -8,12 +8,19 @@
 arrays, 1-D tensors, paths of ``.bin`` token files) or :class:`gpt2core.data.BatchLoader` objects. Fine-tuning
 is the same Trainer on a model loaded with ``GPT2.from_pretrained``.
 
+Loss masks (prompt/completion data): ``Trainer(..., train_mask=ds.train_mask, val_mask=ds.val_mask)`` with the
+masks of :func:`gpt2core.data.load_dataset` (uint8 per token, aligned with the tokens, 1 = a target; None: every
+token is one). Targets whose token has mask 0 (a prompt's) are not scored: a step's loss is the sum of its
+per-target cross-entropies over the number of counted targets across all its micro-batches (token-weighted; for
+unmasked data exactly the mean over the step's tokens, as before masks). A BatchLoader given as data carries its
+own ``mask``.
+
 Optimisation: AdamW (``fused`` on CUDA) with weight decay on parameters of dim >= 2 only (embeddings and matmul
 weights; not biases or LayerNorm), linear warmup to ``learning_rate`` then cosine decay to ``min_lr`` at
 ``max_steps`` (see :func:`learning_rate_at`), gradient accumulation over ``grad_accum_steps`` micro-batches
-(each loss scaled by ``1/grad_accum_steps``), gradient-norm clipping (the reported norm is the pre-clip one).
-dtype "auto" means bf16 autocast on CUDA (where supported, TF32 matmuls allowed) and fp32 on CPU; parameters
-and optimizer state stay fp32.
+(each micro-batch's summed loss divided by the step's number of counted targets), gradient-norm clipping (the
+reported norm is the pre-clip one). dtype "auto" means bf16 autocast on CUDA (where supported, TF32 matmuls
+allowed) and fp32 on CPU; parameters and optimizer state stay fp32.
 
 Each optimizer step, in order: the step, ``on_step``; then when due an evaluation (``on_eval``), samples
 (``on_sample``) and a checkpoint (``on_checkpoint``); then every callback's ``should_stop()`` is polled, and if
@@ -46,10 +53,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .data import BatchLoader, eval_window_starts
+from .data import IGNORE_INDEX, BatchLoader, eval_window_starts, masked_targets
 from .device import default_device
 from .model import GPT2
+from .stopping import EarlyStopping, LossWatchdog, TrainingDiverged
 
 STATE_FILE = "trainer_state.pt"
 STATE_VERSION = 1
@@ -73,6 +82,13 @@ class TrainConfig:
     spread (``Trainer.evaluate``): deterministic, the same for every run on the same split and block size.
     ``grad_clip`` 0 or None turns clipping off. ``keep_last_checkpoints`` (None: all) deletes older
     ``step-*`` directories after each new checkpoint.
+
+    Stopping early (gpt2core.stopping): ``early_stopping_patience`` evaluations in a row without a validation loss
+    more than ``early_stopping_min_delta`` below the best end the run (0: never); ``checkpoint_best`` writes a
+    checkpoint at every evaluation that sets a new best, so the best model is on disk. The divergence guard
+    raises ``TrainingDiverged`` when the training loss is not finite, or stays above ``divergence_threshold``
+    times its recent level for ``divergence_patience`` steps (threshold 0: only non-finite losses); no periodic
+    checkpoint is written while the loss is flagged.
     """
 
     max_steps: int = 1000
@@ -96,6 +112,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | Path | None = None
     keep_last_checkpoints: int | None = None
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    checkpoint_best: bool = False
+    divergence_threshold: float = 2.0
+    divergence_patience: int = 5
     seed: int = 1337
     device: str | torch.device | None = None
     compile: bool = False
@@ -154,6 +175,19 @@ class TrainConfig:
             not is_int(self.keep_last_checkpoints) or self.keep_last_checkpoints < 1
         ):
             fail("keep_last_checkpoints", "a positive integer or None")
+        for name in ("early_stopping_patience", "divergence_patience"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name.startswith("early") else 1):
+                fail(name, "an integer >= 0" if name.startswith("early") else "a positive integer")
+        if not is_num(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
+            fail("early_stopping_min_delta", "a number >= 0")
+        if not is_num(self.divergence_threshold) or not (self.divergence_threshold == 0 or self.divergence_threshold > 1):
+            fail("divergence_threshold", "0 (off) or a number > 1")
+        if not isinstance(self.checkpoint_best, bool):
+            fail("checkpoint_best", "a bool")
+        if (self.early_stopping_patience or self.checkpoint_best) and not self.eval_every:
+            fail("eval_every", "set when early_stopping_patience or checkpoint_best is set")
+        if self.checkpoint_best and self.checkpoint_dir is None:
+            fail("checkpoint_dir", "set when checkpoint_best is set")
         if not is_int(self.seed):
             fail("seed", "an integer")
         if self.device is not None:
@@ -228,7 +262,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
 @dataclass
 class StepMetrics:
     step: int  # optimizer steps completed, this one included (1 for the first step)
-    loss: float  # mean training loss over the step's micro-batches
+    loss: float  # mean training loss per counted target over the step's micro-batches (nats; 0.0 if none)
     learning_rate: float
     grad_norm: float  # total gradient norm before clipping
     tokens_per_second: float
@@ -243,6 +277,17 @@ class Sample:
     text: str  # the completion, without the prompt
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation (``Trainer.evaluate``), over the counted targets of the validation windows (prompt tokens
+    are not targets): the mean loss (nats per target), token accuracy (the fraction of targets that are their
+    position's argmax prediction, in [0, 1]) and the number of targets counted."""
+
+    loss: float
+    accuracy: float
+    tokens: int
+
+
 @dataclass
 class TrainResult:
     steps: int  # the trainer's step count when fit() returned
@@ -254,6 +299,11 @@ class TrainResult:
     checkpoint: Path | None = None  # last checkpoint written (or resumed from)
     elapsed: float = 0.0
     tokens: int = 0
+    # Why training ended: "max_steps", "early_stopping" (validation loss stopped improving) or "stopped" (a
+    # callback asked: a cancel, pause or shutdown).
+    stop_reason: str = "max_steps"
+    best_step: int | None = None  # the evaluation step with the lowest validation loss, over the whole run
+    best_val_loss: float | None = None
 
 
 class TrainerCallback:
@@ -262,8 +312,9 @@ class TrainerCallback:
     def on_step(self, metrics: StepMetrics) -> None:
         pass
 
-    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
-        pass
+    def on_eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None) -> None:
+        """An evaluation at optimizer step `step`: mean validation loss (nats per target), its perplexity, and
+        token accuracy (share of targets predicted exactly by argmax)."""
 
     def on_sample(self, step: int, samples: list[Sample]) -> None:
         pass
@@ -357,6 +408,10 @@ class Trainer:
 
     ``train_data``/``val_data``: token arrays, memmaps, 1-D tensors, ``.bin`` paths, or BatchLoaders (a val
     loader must offer ``batch(i)``). ``tokenizer`` (default GPT2Tokenizer) is only used for samples.
+    ``train_mask``/``val_mask``: loss masks aligned with ``train_data``/``val_data`` (``PreparedDataset.train_mask``
+    and ``val_mask``; arrays, memmaps, tensors or mask-file paths; 1 = the token is a target, 0 = a prompt's
+    token, not scored), or None: every token is a target. A BatchLoader given as data brings its own ``mask``
+    instead (giving both is an error).
     """
 
     def __init__(
@@ -367,6 +422,9 @@ class Trainer:
         val_data: Any = None,
         callbacks: Iterable[Any] = (),
         tokenizer: Any = None,
+        *,
+        train_mask: Any = None,
+        val_mask: Any = None,
     ):
         self.config = config = config or TrainConfig()
         if train_data is None:
@@ -383,8 +441,11 @@ class Trainer:
         self.tokenizer = tokenizer
         seed_everything(config.seed)
 
-        self.train_loader = self._loader(train_data, config.seed, "train_data")
-        self.val_loader = None if val_data is None else self._loader(val_data, config.seed + 1, "val_data")
+        if val_data is None and val_mask is not None:
+            raise ValueError("val_mask was given without val_data")
+        self.train_loader = self._loader(train_data, config.seed, "train_data", train_mask)
+        self.val_loader = None if val_data is None else self._loader(val_data, config.seed + 1, "val_data", val_mask)
+        self.last_eval: EvalResult | None = None  # the last evaluate()'s loss, accuracy and target count
         if config.eval_every and self.val_loader is None:
             raise ValueError("TrainConfig.eval_every is set but no val_data was given")
 
@@ -405,16 +466,21 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self._last_eval_step: int | None = None
+        self.watchdog = LossWatchdog(config.divergence_threshold, config.divergence_patience)
+        self.early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
 
     # ---- data ----------------------------------------------------------------------------------
 
-    def _loader(self, data: Any, seed: int, what: str):
+    def _loader(self, data: Any, seed: int, what: str, mask: Any = None):
         if hasattr(data, "next_batch") and hasattr(data, "state_dict"):
+            if mask is not None:
+                kind = what.removesuffix("_data")
+                raise ValueError(f"{what} is a loader: give it the mask (BatchLoader(..., mask=...)), not {kind}_mask")
             block = getattr(data, "block_size", None)
             if block is not None and block > self.model.config.block_size:
                 raise ValueError(f"{what}: loader block_size {block} exceeds the model's {self.model.config.block_size}")
             return data
-        return BatchLoader(data, self.block_size, self.config.batch_size, seed=seed)
+        return BatchLoader(data, self.block_size, self.config.batch_size, seed=seed, mask=mask)
 
     def _to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         if self.device.type == "cuda":
@@ -429,7 +495,13 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
 
     def train_step(self) -> StepMetrics:
-        """One optimizer step (``grad_accum_steps`` micro-batches); returns its metrics (elapsed left 0)."""
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns its metrics (elapsed left 0).
+
+        The loss is token-weighted over the step's counted targets (those not masked out as a prompt's): the
+        sum of their cross-entropies over their number, across all micro-batches; each micro-batch backpropagates
+        its sum over that number, which is known before any forward pass (the batches do not depend on the
+        model). A step without any counted target (all its windows inside prompts) changes no weight: it
+        reports loss 0.0, and the optimizer is not stepped."""
         cfg = self.config
         t0 = time.perf_counter()
         self.model.train()
@@ -437,21 +509,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        accum = cfg.grad_accum_steps
+        batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum_steps)]
+        targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)  # counted across the whole step
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for _ in range(accum):
-            x, y = self._to_device(*self.train_loader.next_batch())
+        for batch in batches:
+            x, y = self._to_device(*batch)
             with self._autocast():
-                _, loss = self.forward_model(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach().float()
+                logits, _ = self.forward_model(x)
+                loss = target_loss_sum(logits, y)
+            (loss / max(targets, 1)).backward()
+            loss_sum += loss.detach()
             tokens += x.numel()
         max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        if targets:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = (loss_sum / accum).item()
+        loss_value = (loss_sum / max(targets, 1)).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {self.step + 1}")
         self.step += 1
@@ -473,28 +548,46 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss (nats per token) over the validation split's evaluation windows
+        """Mean next-token loss (nats per counted target) over the validation split's evaluation windows
         (``data.eval_window_starts``: every non-overlapping ``block_size`` window, or ``eval_windows`` of them
         evenly spread): the same tokens at every evaluation and for every run with the same split and block size,
-        whatever its seed, in batches of ``batch_size`` windows."""
+        whatever its seed, in batches of ``batch_size`` windows. Token-weighted; with a loss mask, targets that
+        are a prompt's tokens are not counted (a window of prompt only counts nothing).
+
+        Also stores ``self.last_eval``: :class:`EvalResult` with that loss, the token accuracy (the fraction of
+        counted targets equal to the argmax of their prediction) and the number of counted targets. ValueError
+        when the windows hold no counted target at all."""
         if self.val_loader is None:
             raise ValueError("no val_data was given")
         data, T = self.val_loader.data, self.val_loader.block_size
+        mask = getattr(self.val_loader, "mask", None)
         starts = eval_window_starts(len(data), T, self.config.eval_windows)
         was_training = self.model.training
         self.model.eval()
         try:
-            total, tokens = torch.zeros((), dtype=torch.float64), 0
+            total, correct, tokens = torch.zeros((), dtype=torch.float64), 0, 0
             for first in range(0, len(starts), self.config.batch_size):
-                windows = np.stack([np.asarray(data[s : s + T + 1], dtype=np.int64)
-                                    for s in starts[first : first + self.config.batch_size]])
-                w = torch.from_numpy(windows)
-                x, y = self._to_device(w[:, :-1], w[:, 1:])
+                batch = starts[first : first + self.config.batch_size]
+                w = torch.from_numpy(np.stack([np.asarray(data[s : s + T + 1], dtype=np.int64) for s in batch]))
+                x, y = w[:, :-1], w[:, 1:]
+                if mask is not None:
+                    y = masked_targets(y, np.stack([np.asarray(mask[s : s + T + 1]) for s in batch]))
+                count = int((y != IGNORE_INDEX).sum())
+                if not count:
+                    continue
+                x, y = self._to_device(x, y)
                 with self._autocast():
-                    _, loss = self.forward_model(x, y)
-                total += loss.double().cpu() * y.numel()  # the batch's mean back to its sum
-                tokens += y.numel()
-            return (total / tokens).item()
+                    logits, _ = self.forward_model(x)
+                    total += target_loss_sum(logits, y, torch.float64).cpu()
+                correct += int((logits.argmax(dim=-1) == y).sum())  # an ignored target (-100) never matches
+                tokens += count
+            if not tokens:
+                raise ValueError(
+                    f"evaluation has no target to score: every target of the validation split's {len(starts)} "
+                    "evaluation windows is masked out (a prompt's token); the validation data needs completions "
+                    "(or text) inside its windows")
+            self.last_eval = EvalResult(loss=(total / tokens).item(), accuracy=correct / tokens, tokens=tokens)
+            return self.last_eval.loss
         finally:
             self.model.train(was_training)
 
@@ -527,7 +620,11 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint (default ``checkpoint_dir/step-NNNNNN``) atomically; returns its path."""
+        """Write a checkpoint (default ``checkpoint_dir/step-NNNNNN``) atomically; returns its path.
+
+        For a model wrapped by ``gpt2core.lora.apply_lora``, config.json + model.safetensors hold the merged weights
+        (a plain GPT-2 checkpoint, the training model left as it is), ``adapter/`` the adapter in peft's format, and
+        trainer_state.pt also the LoRA settings (``"lora"``); the optimizer state covers the adapters only."""
         if path is None:
             if self.config.checkpoint_dir is None:
                 raise ValueError("TrainConfig.checkpoint_dir is not set and no path was given")
@@ -536,7 +633,7 @@ class Trainer:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         try:
-            self.model.save_pretrained(tmp)
+            lora = self._save_weights(tmp)
             state = {
                 "version": STATE_VERSION,
                 "step": self.step,
@@ -547,13 +644,17 @@ class Trainer:
                 "train_loader": self.train_loader.state_dict(),
                 "train_loss": self.last_train_loss,
                 "val_loss": self.last_val_loss,
+                "watchdog": self.watchdog.state_dict(),
+                "early_stopping": self.early_stopping.state_dict(),
                 "config": self.config.to_dict(),
                 "model_config": self.model.config.to_dict(),
             }
+            if lora is not None:
+                state["lora"] = lora
             with open(tmp / STATE_FILE, "wb") as out:  # through Python's file: a failed write raises an OSError
                 torch.save(state, out)  # (as the RuntimeError's context) that names its errno, e.g. ENOSPC
-            for name in os.listdir(tmp):
-                with open(tmp / name, "rb") as f:
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):  # adapter/ is a folder
+                with open(file, "rb") as f:
                     os.fsync(f.fileno())
             if final.exists():
                 trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -567,7 +668,9 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.last_checkpoint = final
         self._prune_checkpoints(final.parent)
-        self._emit("on_checkpoint", self.step, final, self.last_train_loss, self.last_val_loss)
+        # The validation loss of this step's own evaluation: a checkpoint between evaluations has none.
+        val_loss = self.last_val_loss if self._last_eval_step == self.step else None
+        self._emit("on_checkpoint", self.step, final, self.last_train_loss, val_loss)
         return final
 
     def _prune_checkpoints(self, root: Path) -> None:
@@ -599,23 +702,72 @@ class Trainer:
             raise ValueError(f"{directory / STATE_FILE}: unsupported trainer state version {state.get('version')!r}")
 
         mc = self.model.config
-        loaded = GPT2.from_pretrained(directory, tokenizer_vocab_size=None, pad_vocab_multiple=mc.pad_vocab_multiple, dropout=mc.dropout)
-        try:
-            self.model.load_state_dict(loaded.state_dict())
-        except RuntimeError as exc:
-            raise ValueError(f"{directory}: checkpoint does not fit this model: {exc}") from exc
-        del loaded
+        if not self._load_lora_weights(directory, state):
+            loaded = GPT2.from_pretrained(directory, tokenizer_vocab_size=None,
+                                          pad_vocab_multiple=mc.pad_vocab_multiple, dropout=mc.dropout)
+            try:
+                self.model.load_state_dict(loaded.state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"{directory}: checkpoint does not fit this model: {exc}") from exc
+            del loaded
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.load_state_dict(state["train_loader"])
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.last_train_loss = state.get("train_loss")
         self.last_val_loss = state.get("val_loss")
+        if "watchdog" in state:
+            self.watchdog.load_state_dict(state["watchdog"])
+        if "early_stopping" in state:
+            self.early_stopping.load_state_dict(state["early_stopping"])
         _set_rng_state(state["rng"], self.device)
         self.last_checkpoint = directory
         return directory
 
     load_checkpoint = resume
+
+    def describe_parameters(self) -> str:
+        """What trains, for a log line: "124,439,808 parameters", or for a LoRA model (gpt2core.lora)
+        "1,179,648 of 125,619,456 parameters (LoRA adapters, rank 8)"."""
+        from .lora import is_lora, settings_of, trainable_parameters
+
+        trainable, total = trainable_parameters(self.model)
+        if is_lora(self.model):
+            return f"{trainable:,} of {total:,} parameters (LoRA adapters, rank {settings_of(self.model).rank})"
+        return f"{trainable:,} parameters" if trainable == total else f"{trainable:,} of {total:,} parameters"
+
+    def _save_weights(self, directory: Path) -> dict[str, Any] | None:
+        """The model's weights into checkpoint folder `directory`; for a LoRA model (gpt2core.lora) the merged
+        weights and the adapter, returning its LoRA settings (for trainer_state); None for a plain model."""
+        from .lora import is_lora, save_lora_checkpoint, settings_of  # peft itself only if the model is wrapped
+
+        if not is_lora(self.model):
+            self.model.save_pretrained(directory)
+            return None
+        save_lora_checkpoint(self.model, directory)
+        return settings_of(self.model).to_dict()
+
+    def _load_lora_weights(self, directory: Path, state: dict[str, Any]) -> bool:
+        """For a LoRA checkpoint resumed on a LoRA model wrapped with the same settings, load its adapter (the base
+        weights are the model's own: the same base model, wrapped afresh) and return True; False for a full
+        fine-tuning checkpoint resumed on a plain model. Refuses (ValueError) a mix of the two."""
+        from .lora import ADAPTER_DIR, LoraSettings, is_lora, load_adapter, settings_of
+
+        saved = state.get("lora")
+        if saved is None and not is_lora(self.model):
+            return False
+        if saved is None:
+            raise ValueError(f"{directory}: a full fine-tuning checkpoint (no LoRA adapter), but this model has "
+                             "LoRA adapters; resume it on the plain model")
+        settings = LoraSettings.from_dict(saved)
+        if not is_lora(self.model):
+            raise ValueError(f"{directory}: a LoRA checkpoint ({settings}); wrap the base model with "
+                             "gpt2core.lora.apply_lora and these settings before resuming")
+        if settings_of(self.model) != settings:
+            raise ValueError(f"{directory}: the checkpoint's LoRA settings ({settings}) differ from this model's "
+                             f"({settings_of(self.model)})")
+        load_adapter(self.model, directory / ADAPTER_DIR)
+        return True
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -630,12 +782,15 @@ class Trainer:
         answers = [bool(cb.should_stop()) for cb in self.callbacks if hasattr(cb, "should_stop")]
         return any(answers)
 
-    def _run_eval(self) -> float:
+    def _run_eval(self) -> bool:
+        """Evaluate, tell the callbacks; True when this is the run's best validation loss so far."""
         val_loss = self.evaluate()
         self.last_val_loss = val_loss
         self._last_eval_step = self.step
-        self._emit("on_eval", self.step, val_loss, perplexity(val_loss))
-        return val_loss
+        improved = self.early_stopping.observe(self.step, val_loss)
+        accuracy = self.last_eval.accuracy if self.last_eval is not None else None
+        self._emit("on_eval", self.step, val_loss, perplexity(val_loss), accuracy)
+        return improved
 
     def fit(self) -> TrainResult:
         """Train until ``max_steps`` or until a callback asks to stop; see the module doc for the order of events."""
@@ -644,23 +799,37 @@ class Trainer:
         start_step = self.step
         losses: list[float] = []
         stopped = False
+        stop_reason = "max_steps"
         while True:
             if self._should_stop():
                 stopped = self.step < cfg.max_steps
+                stop_reason = "stopped" if stopped else stop_reason
                 break
             if self.step >= cfg.max_steps:
                 break
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except FloatingPointError as exc:  # a non-finite loss: the step was not counted
+                if isinstance(exc, TrainingDiverged):
+                    raise
+                raise TrainingDiverged(str(exc), step=self.step + 1, loss=math.nan, level=self.watchdog.level,
+                                       first_bad_step=self.watchdog.streak_start or self.step + 1) from None
             metrics.elapsed = time.perf_counter() - start
             losses.append(metrics.loss)
             self._emit("on_step", metrics)
+            self.watchdog.observe(metrics.step, metrics.loss)
+            improved = False
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._run_eval()
+                improved = self._run_eval()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._emit("on_sample", self.step, self.sample())
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if (due or (improved and cfg.checkpoint_best)) and not self.watchdog.alarmed:
                 self.save_checkpoint()
-        if not stopped and self.val_loader is not None and cfg.eval_every and self.step > start_step:
+            if self.early_stopping.should_stop:
+                stop_reason = "early_stopping"
+                break
+        if stop_reason == "max_steps" and self.val_loader is not None and cfg.eval_every and self.step > start_step:
             if self._last_eval_step != self.step:
                 self._run_eval()
         if cfg.checkpoint_dir is not None:
@@ -679,7 +848,19 @@ class Trainer:
             checkpoint=self.last_checkpoint,
             elapsed=time.perf_counter() - start,
             tokens=self.tokens_seen,
+            stop_reason=stop_reason,
+            best_step=self.early_stopping.best_step,
+            best_val_loss=self.early_stopping.best_loss,
         )
+
+
+def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sum of the next-token cross-entropies (nats) of `logits` (B, T, V) against `targets` (B, T) over the
+    targets that count (not -100, the ignore_index): a 0-dim tensor of `dtype` (float32, or float64 for an exact
+    sum), 0 when none counts (never NaN). Divide by the number of counted targets for the mean."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum" if dtype == torch.float32 else "none")
+    return per_token if dtype == torch.float32 else per_token.to(dtype).sum()
 
 
 def perplexity(loss: float) -> float:

@@ -11,10 +11,10 @@
 from .client import Client
 from .errors import (APIConnectionError, APIError, AuthenticationError, BadRequestError, ConflictError, GPT2JobsError,
                      NotFoundError, ServiceUnavailableError, UnprocessableEntityError)
-from .types import TERMINAL_STATUSES, Checkpoint, Deleted, Event, File, GenerationResult, Job, Model
+from .types import SETTLED_STATUSES, TERMINAL_STATUSES, Checkpoint, Deleted, Event, File, GenerationResult, Job, Model
 
 __all__ = [
     "Client", "APIError", "APIConnectionError", "AuthenticationError", "BadRequestError", "ConflictError",
     "GPT2JobsError", "NotFoundError", "ServiceUnavailableError", "UnprocessableEntityError", "TERMINAL_STATUSES",
-    "Checkpoint", "Deleted", "Event", "File", "GenerationResult", "Job", "Model",
+    "SETTLED_STATUSES", "Checkpoint", "Deleted", "Event", "File", "GenerationResult", "Job", "Model",
 ]

@@ -33,7 +33,8 @@ class NotFoundError(APIError):
 
 
 class ConflictError(APIError):
-    """409: a finished job cancelled, an idempotency key reused with another body, a file or model in use."""
+    """409: a finished job cancelled or paused, a job resumed that is not paused, an idempotency key reused with
+    another body, a file or model in use, a checkpoint whose files are gone (code checkpoint_gone)."""
 
 
 class UnprocessableEntityError(APIError):

@@ -14,7 +14,7 @@ from . import sse
 from ._http import Transport
 from .errors import APIConnectionError, ServiceUnavailableError
 from .sse import MEDIA_TYPE
-from .types import Checkpoint, Event, GenerationResult, Job
+from .types import Checkpoint, Event, GenerationResult, Job, Model
 
 
 #: The largest event id (a 32-bit column): resuming after it skips every event, for callers that want progress only.
@@ -75,28 +75,46 @@ class Jobs:
         finished."""
         return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/cancel"))
 
-    def events(self, job_id: str, follow: bool = False, poll_interval: float = 1.0) -> Iterator[Event]:
+    def pause(self, job_id: str) -> Job:
+        """Pause: a queued job is paused at once; a running one becomes `pausing` until its worker has written a
+        checkpoint (training) or stored the generation shards in progress, then `paused`. A pausing or paused job
+        is returned unchanged; ConflictError when it is cancelling or has finished."""
+        return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/pause"))
+
+    def resume(self, job_id: str) -> Job:
+        """Resume a paused job: it is queued again and continues from its checkpoint (training) or with the
+        prompts not done yet (generation). ConflictError unless it is paused (a pausing job too: resume it once
+        it is paused)."""
+        return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/resume"))
+
+    def events(self, job_id: str, follow: bool = False, poll_interval: float = 1.0,
+               stop_on_pause: bool = True) -> Iterator[Event]:
         """The job's events, oldest first. With follow=True, new ones as they happen (the live event stream,
-        `stream()`), until the job has finished and its last event was read."""
+        `stream()`), until the job has finished and its last event was read, or (unless stop_on_pause=False)
+        until it is paused."""
         if not follow:
             for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"limit": 100}):
                 yield Event.from_api(item)
             return
-        for followed in self.stream(job_id, poll_interval=poll_interval):
+        for followed in self.stream(job_id, poll_interval=poll_interval, stop_on_pause=stop_on_pause):
             if isinstance(followed, Event):
                 yield followed
 
     def stream(self, job_id: str, after: int | None = None, poll_interval: float = 1.0,
-               reconnect_patience: float = RECONNECT_PATIENCE) -> Iterator[Event | Job]:
+               reconnect_patience: float = RECONNECT_PATIENCE, stop_on_pause: bool = True) -> Iterator[Event | Job]:
         """The job as it runs: its events (oldest first, after the event id `after`) and a Job snapshot whenever
-        its status or progress changes; the last item is the finished Job. Reads the API's server-sent events
-        (GET /v1/jobs/{id}/events with Accept: text/event-stream), reconnecting with Last-Event-ID when a stream
-        ends before the job (the server bounds each connection's time) or drops. While the API cannot be reached
+        its status or progress changes; the last item is the finished Job, or the paused one: a paused job does
+        not change until someone resumes or cancels it, so the stream ends there too (its events up to the pause
+        were yielded first), unless stop_on_pause=False, which follows it on through a resume to its end. Reads
+        the API's server-sent events (GET /v1/jobs/{id}/events with Accept: text/event-stream), reconnecting with
+        Last-Event-ID when a stream ends before the job (the server bounds each connection's time) or drops.
+        While the API cannot be reached
         (restarting, its database away: 503), it keeps trying, with backoff, for up to `reconnect_patience`
         seconds without an answer (then APIConnectionError or ServiceUnavailableError). Where the API serves no
         stream (this API process has its most watchers: 503 too_many_streams), it polls the JSON routes."""
         outage = _Outage(reconnect_patience, self._t)
         last_id = after
+        paused: Job | None = None
         while True:
             headers = {"Accept": MEDIA_TYPE}
             if last_id is not None:
@@ -113,7 +131,11 @@ class Jobs:
                             last_id = event.id
                             yield event
                         elif message.event == "job":
-                            yield Job.from_api(json.loads(message.data))
+                            job = Job.from_api(json.loads(message.data))
+                            if stop_on_pause and job.is_paused:
+                                paused = job
+                                break
+                            yield job
                         elif message.event == "end":
                             yield Job.from_api(json.loads(message.data))
                             return
@@ -123,14 +145,23 @@ class Jobs:
                 outage.wait(exc)
             except (APIConnectionError, httpx.TransportError) as exc:
                 outage.wait(exc)  # the API is away, or the connection dropped mid-stream: resume after last_id
-        yield from self._poll(job_id, last_id, poll_interval, outage)
+            if paused is not None:
+                # The server sends at most a page of events per read, so some up to the pause may not have come
+                # yet: read them from the JSON route (a paused job adds none), then the paused job, last.
+                for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"after": last_id, "limit": 100}):
+                    yield Event.from_api(item)
+                yield paused
+                return
+        yield from self._poll(job_id, last_id, poll_interval, outage, stop_on_pause)
 
-    def _poll(self, job_id: str, after: int | None, poll_interval: float, outage: _Outage) -> Iterator[Event | Job]:
+    def _poll(self, job_id: str, after: int | None, poll_interval: float, outage: _Outage,
+              stop_on_pause: bool = True) -> Iterator[Event | Job]:
         """stream() by polling the JSON routes."""
         last: dict[str, Any] | None = None
         while True:
             try:
-                # The status before the events: every event of a job seen finished here is in the read below.
+                # The status before the events: every event of a job seen finished (or paused) here is in the read
+                # below.
                 job = self.get(job_id)
                 seen = False
                 for item in self._t.pages(f"/v1/jobs/{job_id}/events", {"after": after, "limit": 100}):
@@ -144,14 +175,23 @@ class Jobs:
             if last is None or (job.status, job.progress) != (last["status"], last["progress"]):
                 yield job
                 last = job.raw
-            if job.is_terminal:
+            if job.is_terminal or (stop_on_pause and job.is_paused):
                 return
             if not seen:
                 time.sleep(poll_interval)
 
     def checkpoints(self, job_id: str) -> builtins.list[Checkpoint]:
-        """The job's checkpoints, by step."""
+        """The job's checkpoints, by step (with their training loss and, for evaluation steps, the validation
+        loss, perplexity and token accuracy)."""
         return [Checkpoint.from_api(item) for item in self._t.pages(f"/v1/jobs/{job_id}/checkpoints")]
+
+    def register_checkpoint(self, job_id: str, checkpoint_id: str, name: str | None = None) -> Model:
+        """Register one of the job's checkpoints as a model that generate and finetune jobs can use: in any status
+        of the job (running, paused, failed, finished). `name` defaults, on the server, to the job's model name
+        with "@step-<step>". Registering the same checkpoint again returns the model it made the first time.
+        ConflictError (code checkpoint_gone) when checkpoint retention has removed its files."""
+        body = {"name": name} if name is not None else None
+        return Model.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/model", json=body))
 
     def results(self, job_id: str) -> Iterator[GenerationResult]:
         """A generate job's results in input order, streamed from results.jsonl line by line. While the job runs
@@ -162,17 +202,23 @@ class Jobs:
                     yield GenerationResult.from_api(json.loads(line))
 
     def wait(self, job_id: str, on_progress: Callable[[Job], Any] | None = None, poll_interval: float = 1.0,
-             timeout: float | None = None) -> Job:
+             timeout: float | None = None, stop_on_pause: bool = True) -> Job:
         """Follow the job until it has finished and return it (failed and cancelled jobs too: see its `status`
-        and `error`). `on_progress(job)` is called with the first snapshot and each change of status or progress
+        and `error`), or until it is paused: a paused job waits for someone to resume it, so it is returned too
+        (`job.is_paused`; `resume` it, then wait again). With stop_on_pause=False, waits through pauses until it
+        has finished. `on_progress(job)` is called with the first snapshot and each change of status or progress
         (from the live event stream; by polling every `poll_interval` seconds where there is none, or with a
         `timeout`). TimeoutError after `timeout` seconds."""
+        def done(job: Job) -> bool:
+            return job.is_settled if stop_on_pause else job.is_terminal
+
         if timeout is None:
-            for item in self.stream(job_id, after=MAX_EVENT_ID, poll_interval=poll_interval):
+            for item in self.stream(job_id, after=MAX_EVENT_ID, poll_interval=poll_interval,
+                                    stop_on_pause=stop_on_pause):
                 if isinstance(item, Job):
                     if on_progress is not None:
                         on_progress(item)
-                    if item.is_terminal:
+                    if done(item):
                         return item
         deadline = None if timeout is None else time.monotonic() + timeout
         last: dict[str, Any] | None = None
@@ -181,7 +227,7 @@ class Jobs:
             if on_progress is not None and job.raw != last:
                 on_progress(job)
             last = job.raw
-            if job.is_terminal:
+            if done(job):
                 return job
             if deadline is not None and time.monotonic() + poll_interval > deadline:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")

@@ -4,8 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The statuses a job does not leave.
+#: The statuses a job does not leave: it has finished.
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+#: The statuses a job stays in until someone acts: the finished ones, and "paused" (not finished: `jobs.resume`
+#: queues it again, and it continues from where it paused). What `jobs.wait()` and `jobs.stream()` stop at.
+SETTLED_STATUSES = TERMINAL_STATUSES | {"paused"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,18 @@ class Job:
 
     @property
     def is_terminal(self) -> bool:
-        """Whether the job has finished (succeeded, failed or cancelled)."""
+        """Whether the job has finished (succeeded, failed or cancelled). A paused job has not: see is_settled."""
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether the job is paused: it stays so until it is resumed (`jobs.resume`) or cancelled."""
+        return self.status == "paused"
+
+    @property
+    def is_settled(self) -> bool:
+        """Whether the job will not change by itself: it has finished, or it is paused."""
+        return self.status in SETTLED_STATUSES
 
     @property
     def output_model(self) -> str | None:
@@ -89,22 +102,32 @@ class Event:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A training job's checkpoint. The val_* metrics are None unless the step was an evaluation step:
+    val_perplexity is exp(val_loss) (None where that overflows), val_accuracy the share of validation tokens
+    predicted exactly (0 to 1). Register it as a model with `jobs.register_checkpoint`."""
+
     id: Any
     step: int
     train_loss: float | None
     val_loss: float | None
     created_at: int | None
     bytes: int | None
-    raw: dict[str, Any] = field(repr=False, compare=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    val_perplexity: float | None = None
+    val_accuracy: float | None = None
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Checkpoint:
         return cls(id=data["id"], step=data["step"], train_loss=data.get("train_loss"), val_loss=data.get("val_loss"),
-                   created_at=data.get("created_at"), bytes=data.get("bytes"), raw=data)
+                   created_at=data.get("created_at"), bytes=data.get("bytes"), raw=data,
+                   val_perplexity=data.get("val_perplexity"), val_accuracy=data.get("val_accuracy"))
 
 
 @dataclass(frozen=True)
 class Model:
+    """A model. `source`: "job" (what a train or finetune job produced), "import", or "checkpoint" (one of job_id's
+    checkpoints, registered: `checkpoint_step` is its step; None for the other sources)."""
+
     id: str
     name: str
     source: str
@@ -112,13 +135,14 @@ class Model:
     config: dict[str, Any]
     parameter_count: int | None
     created_at: int | None
-    raw: dict[str, Any] = field(repr=False, compare=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    checkpoint_step: int | None = None
 
     @classmethod
     def from_api(cls, data: dict[str, Any]) -> Model:
         return cls(id=data["id"], name=data["name"], source=data["source"], job_id=data.get("job_id"),
                    config=data.get("config") or {}, parameter_count=data.get("parameter_count"),
-                   created_at=data.get("created_at"), raw=data)
+                   created_at=data.get("created_at"), raw=data, checkpoint_step=data.get("checkpoint_step"))
 
 
 @dataclass(frozen=True)

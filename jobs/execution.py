@@ -16,6 +16,11 @@ in `jobs.recovery` (run by every worker's sweeper) notice the expired lease and 
 the job back in the queue or, after too many lost workers, fails it. A worker that stops on purpose (shutdown)
 `hand_back`s its job at once.
 
+Pausing. A job the user pauses while it runs is "pausing" until its worker stops at a safe point (a training job
+after writing a checkpoint; a generate job once no shard is being generated) and calls `pause`; a pausing job whose
+worker is gone, or that is handed back, is paused there and then (a training job resumes from its last
+checkpoint).
+
 Generation shards have leases of their own, in `jobs.shards`.
 """
 from __future__ import annotations
@@ -31,11 +36,11 @@ from sqlalchemy.orm import Session
 from jobs.errors import NotFound
 from jobs.models import SHARD_PENDING, SHARD_RUNNING, Checkpoint, GenerationShard, Job, Model, new_id
 from jobs.repository import add_event, create_model
-from jobs.states import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, transition
+from jobs.states import CANCELLED, CANCELLING, FAILED, PAUSED, PAUSING, QUEUED, RUNNING, SUCCEEDED, TERMINAL, transition
 
 __all__ = [
     "FINISH_STATUSES", "LeaseLost", "claim_job", "worker_lost", "hand_back", "renew_lease", "update_progress",
-    "finish_job", "record_checkpoint", "latest_checkpoint", "model_id_for_job", "register_job_model",
+    "finish_job", "pause", "store_hyperparameters", "record_checkpoint", "latest_checkpoint", "model_id_for_job", "register_job_model",
 ]
 
 #: The statuses a worker may end a job in.
@@ -156,9 +161,9 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
     _check_worker(worker_id)
     _check_lease_seconds(lease_seconds)
     job = _lock_job(session, job_id)
-    if job is None or job.status in TERMINAL:
+    if job is None or job.status in TERMINAL or job.status == PAUSED:
         return None
-    if job.status in (RUNNING, CANCELLING):
+    if job.status in (RUNNING, CANCELLING, PAUSING):
         if resume_own and job.lease_owner == worker_id and job.status == RUNNING:
             job.attempts += 1
             _set_lease(job, worker_id, lease_seconds, now)
@@ -178,16 +183,20 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: floa
 
 
 def worker_lost(session: Session, job: Job, max_attempts: int | None) -> bool:
-    """Record that the worker holding the (locked) running or cancelling `job` is gone; True when the job is
-    queued again for another worker.
+    """Record that the worker holding the (locked) running, cancelling or pausing `job` is gone; True when the job
+    is queued again for another worker.
 
-    A cancelling job is cancelled. A running one counts the loss (`workers_lost`, an event naming the attempt and
-    the worker) and goes back to queued, or fails with code "worker_lost" once `max_attempts` workers were lost
-    on it (a job that kills every worker it runs on: out of memory, a crash in a kernel, a machine that
-    reboots)."""
+    A cancelling job is cancelled; a pausing one is paused (it resumes from its last checkpoint). A running one
+    counts the loss (`workers_lost`, an event naming the attempt and the worker) and goes back to queued, or fails
+    with code "worker_lost" once `max_attempts` workers were lost on it (a job that kills every worker it runs on:
+    out of memory, a crash in a kernel, a machine that reboots)."""
     previous = job.lease_owner
     if job.status == CANCELLING:
         _end_job(session, job, CANCELLED, message="Job cancelled (its worker stopped before it finished the cancellation)")
+        return False
+    if job.status == PAUSING:
+        _pause(session, job, "Job paused (its worker stopped before it finished pausing); it resumes from its "
+               "last checkpoint")
         return False
     job.workers_lost += 1
     add_event(session, job.id, f"Attempt {job.attempts} ended without a word from worker {previous}: it stopped "
@@ -211,11 +220,15 @@ def worker_lost(session: Session, job: Job, max_attempts: int | None) -> bool:
 def hand_back(session: Session, job_id: str, worker_id: str, message: str, now: datetime | None = None) -> bool:
     """The lease holder gives its running job back to the queue (it is shutting down, or lost its database for a
     while): queued, lease cleared, `message` logged as a warning event, and marked as sent now; True when the
-    caller must send it a message. A cancelling job is cancelled instead (False). LeaseLost as renew_lease."""
+    caller must send it a message. A cancelling job is cancelled instead, a pausing one paused (False).
+    LeaseLost as renew_lease."""
     now = _now(now)
     job = _owned_job(session, job_id, worker_id)
     if job.status == CANCELLING:
         _end_job(session, job, CANCELLED, message="Job cancelled (its worker stopped before it finished)")
+        return False
+    if job.status == PAUSING:
+        _pause(session, job, f"Job paused: {message}")
         return False
     transition(job, QUEUED)
     _clear_lease(job)
@@ -244,6 +257,35 @@ def update_progress(session: Session, job_id: str, worker_id: str, progress: dic
     job.progress = dict(progress)
     _set_lease(job, worker_id, lease_seconds, now)
     return job.status
+
+
+def pause(session: Session, job_id: str, worker_id: str, message: str) -> Job:
+    """The lease holder of a pausing job stopped at a safe point: the job is paused (lease cleared, `message` as
+    an event). A job cancelled meanwhile (cancelling) is cancelled instead. LeaseLost as renew_lease;
+    InvalidTransition for a job that is not pausing."""
+    job = _owned_job(session, job_id, worker_id)
+    if job.status == CANCELLING:
+        _end_job(session, job, CANCELLED, message="Job cancelled (while it was pausing)")
+    else:
+        _pause(session, job, message)
+    return job
+
+
+def _pause(session: Session, job: Job, message: str) -> None:
+    transition(job, PAUSED)
+    _clear_lease(job)
+    _release_running_shards(session, job)
+    add_event(session, job.id, message, data={"status": PAUSED})
+
+
+def store_hyperparameters(session: Session, job_id: str, worker_id: str, hyperparameters: dict[str, Any],
+                          message: str) -> Job:
+    """The lease holder stores the hyperparameters it resolved ("auto" values) in the job's parameters, with
+    `message` as an event; LeaseLost as renew_lease."""
+    job = _owned_job(session, job_id, worker_id)
+    job.params = {**job.params, "hyperparameters": dict(hyperparameters)}
+    add_event(session, job.id, message, data={"hyperparameters": dict(hyperparameters)})
+    return job
 
 
 def _error_body(error: dict[str, Any] | None, message: str | None) -> dict[str, Any]:
@@ -305,15 +347,17 @@ def _release_running_shards(session: Session, job: Job) -> None:
 
 
 def record_checkpoint(session: Session, job_id: str, step: int, train_loss: float | None, val_loss: float | None,
-                      storage_path: str, bytes: int) -> Checkpoint:
-    """Record the checkpoint of `step`; recording the same step again updates that row (one per job and step)."""
+                      storage_path: str, bytes: int, *, val_accuracy: float | None = None) -> Checkpoint:
+    """Record the checkpoint of `step`; recording the same step again updates that row (one per job and step).
+    `val_loss` and `val_accuracy` are those of an evaluation at this very step (None between evaluations)."""
     stmt = _insert(session, Checkpoint).values(
         id=new_id("ckpt"), job_id=job_id, step=step, train_loss=train_loss, val_loss=val_loss,
-        storage_path=storage_path, bytes=bytes, created_at=datetime.now(timezone.utc),
+        val_accuracy=val_accuracy, storage_path=storage_path, bytes=bytes, created_at=datetime.now(timezone.utc),
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=["job_id", "step"],
-        set_={name: stmt.excluded[name] for name in ("train_loss", "val_loss", "storage_path", "bytes")},
+        set_={name: stmt.excluded[name] for name in ("train_loss", "val_loss", "val_accuracy", "storage_path",
+                                                      "bytes")},
     )
     session.execute(stmt)
     return session.scalars(

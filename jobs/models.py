@@ -36,7 +36,7 @@ FILE_PURPOSES = ("train", "generate")
 JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
-MODEL_SOURCES = ("job", "import")
+MODEL_SOURCES = ("job", "import", "checkpoint")
 SHARD_PENDING, SHARD_RUNNING, SHARD_DONE = "pending", "running", "done"
 SHARD_STATUSES = (SHARD_PENDING, SHARD_RUNNING, SHARD_DONE)
 
@@ -139,6 +139,8 @@ class Model(Base):
     job_id: Mapped[str | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL", use_alter=True), index=True
     )
+    # For source "checkpoint": the step of the job's checkpoint it was made from (job_id names the job).
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
     config: Mapped[dict[str, Any]]
     parameter_count: Mapped[int] = mapped_column(BigInteger)
     storage_path: Mapped[str] = mapped_column(Text)
@@ -209,6 +211,8 @@ class Checkpoint(Base):
     step: Mapped[int]
     train_loss: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
+    # Fraction of the validation targets the model predicted exactly (argmax), at the evaluation of this step.
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
     storage_path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

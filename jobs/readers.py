@@ -5,8 +5,9 @@ simply a full read that keeps nothing. The line rules (UTF-8, a leading BOM drop
 read as LF, a lone CR is content) are gpt2core.corpus's, the very functions training reads files with; see the
 README's "File formats".
 
-* Training files: plain UTF-8 text (one document), or JSONL with a string "text" per line (by the file name:
-  :func:`is_jsonl`).
+* Training files: plain UTF-8 text (one document), or JSONL (by the file name: :func:`is_jsonl`) with a string
+  "text", or a string "prompt" and a string "completion", on every line (gpt2core.corpus.training_record: one
+  rule for the upload check and for training).
 * Generation files: JSONL, one ``{"custom_id": str, "prompt": str, "sampling": {...}}`` object per line
   (`sampling` optional: overrides of the job's sampling for that line). custom_ids are unique, 1 to 255
   characters without control characters; prompts are any text (NUL included) without unpaired surrogates.
@@ -28,7 +29,7 @@ from gpt2core.corpus import (
     DuplicateKey,
     check_text,
     is_blank,
-    iter_jsonl_texts,
+    iter_training_records,
     iter_lines,
     iter_text,
     parse_json_line,
@@ -152,7 +153,9 @@ def check_generation_file(stream: BinaryIO, filename: str) -> int:
 
 def read_training_file(stream: BinaryIO, filename: str, count_tokens: bool = False) -> tuple[int, int | None]:
     """Read a whole training file as training would (gpt2core.corpus), in one pass: (documents, tokens), tokens
-    only when `count_tokens` (GPT-2 BPE of each document plus its end-of-text token, gpt2core.data's rule).
+    only when `count_tokens` (GPT-2 BPE of each document plus its end-of-text token, gpt2core.data's rule; for a
+    prompt/completion record, the prompt's tokens and the completion's, each tokenized alone, plus the EOT: the
+    prompt's count as tokens too, though they are not loss targets).
 
     FileRejected for a line that breaks the rules, and for a file without any text (training would have no
     tokens)."""
@@ -160,10 +163,11 @@ def read_training_file(stream: BinaryIO, filename: str, count_tokens: bool = Fal
     documents, tokens = 0, 0
     try:
         if is_jsonl(filename):
-            for _, text in iter_jsonl_texts(stream):
-                if text:
+            for record in iter_training_records(stream):
+                if not record.empty:
                     documents += 1
-                    tokens += encode(text) + 1 if encode else 0
+                    # prompt and completion are tokenized separately (gpt2core.data), "" making no tokens
+                    tokens += encode(record.prompt) + encode(record.completion) + 1 if encode else 0
         else:
             pieces = [text for text in iter_text(stream) if text]  # read to the end: every byte is checked
             documents = 1 if pieces else 0

@@ -30,17 +30,17 @@ from sqlalchemy.orm import Session
 from jobs.execution import _end_job, _lock_job, _lock_shard, _now, worker_lost
 from jobs.models import SHARD_DONE, SHARD_PENDING, GenerationShard, Job
 from jobs.repository import add_event
-from jobs.states import CANCELLING, FAILED, QUEUED, RUNNING
+from jobs.states import CANCELLING, FAILED, PAUSING, QUEUED, RUNNING
 
 __all__ = ["lost_jobs", "recover_lost_job", "lost_shards", "recover_lost_shard", "jobs_to_dispatch",
            "mark_dispatched"]
 
 
 def lost_jobs(session: Session, now: datetime | None = None, limit: int = 100) -> list[str]:
-    """Ids of running or cancelling jobs whose lease expired, oldest lease first."""
+    """Ids of running, cancelling or pausing jobs whose lease expired, oldest lease first."""
     now = _now(now)
     return list(session.scalars(
-        select(Job.id).where(Job.status.in_((RUNNING, CANCELLING)), Job.lease_expires_at < now)
+        select(Job.id).where(Job.status.in_((RUNNING, CANCELLING, PAUSING)), Job.lease_expires_at < now)
         .order_by(Job.lease_expires_at, Job.id).limit(limit)
     ))
 
@@ -50,7 +50,7 @@ def recover_lost_job(session: Session, job_id: str, max_attempts: int, now: date
     `execution.worker_lost`; True when the job is queued again and needs a message."""
     now = _now(now)
     job = _lock_job(session, job_id)
-    if job is None or job.status not in (RUNNING, CANCELLING) or job.lease_expires_at is None:
+    if job is None or job.status not in (RUNNING, CANCELLING, PAUSING) or job.lease_expires_at is None:
         return False
     if job.lease_expires_at >= now:
         return False  # its worker renewed meanwhile

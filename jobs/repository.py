@@ -34,7 +34,7 @@ from jobs.models import (
     Model,
     new_id,
 )
-from jobs.states import CANCELLED, CANCELLING, QUEUED, RUNNING, STATUSES, TERMINAL, transition
+from jobs.states import CANCELLED, CANCELLING, PAUSED, PAUSING, QUEUED, RUNNING, STATUSES, TERMINAL, transition
 from jobs.storage import StoredBlob
 from jobs.text import check_name
 
@@ -324,17 +324,51 @@ def list_jobs(session: Session, owner: str, type: str | None = None, status: str
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
-    """queued: cancelled at once. running: cancelling (the worker stops and finishes the transition).
-    cancelling: unchanged. Finished: Conflict."""
+    """queued or paused: cancelled at once. running or pausing: cancelling (the worker stops and finishes the
+    transition). cancelling: unchanged. Finished: Conflict."""
     job = _get_owned(session, Job, owner, job_id, "job", for_update=True)
     if job.status == QUEUED:
         transition(job, CANCELLED)
-        add_event(session, job.id, "Job cancelled before it started")
-    elif job.status == RUNNING:
+        add_event(session, job.id, "Job cancelled before it started", data={"status": CANCELLED})
+    elif job.status == PAUSED:
+        transition(job, CANCELLED)
+        add_event(session, job.id, "Job cancelled while paused", data={"status": CANCELLED})
+    elif job.status in (RUNNING, PAUSING):
         transition(job, CANCELLING)
-        add_event(session, job.id, "Cancellation requested")
+        add_event(session, job.id, "Cancellation requested", data={"status": CANCELLING})
     elif job.status in TERMINAL:
         raise Conflict(f"Job {job_id!r} has already finished ({job.status})", param=None)
+    return job
+
+
+def pause_job(session: Session, owner: str, job_id: str) -> Job:
+    """queued: paused at once (a worker that receives its message leaves it alone). running: pausing (a training
+    job's worker writes a checkpoint and frees itself; a generate job takes no new shards and is paused once the
+    shards being generated are stored); the worker finishes the transition. pausing or paused: unchanged.
+    Cancelling or finished: Conflict."""
+    job = _get_owned(session, Job, owner, job_id, "job", for_update=True)
+    if job.status == QUEUED:
+        transition(job, PAUSED)
+        add_event(session, job.id, "Job paused before a worker took it", data={"status": PAUSED})
+    elif job.status == RUNNING:
+        transition(job, PAUSING)
+        add_event(session, job.id, "Pause requested", data={"status": PAUSING})
+    elif job.status not in (PAUSING, PAUSED):
+        raise Conflict(f"Job {job_id!r} cannot be paused: it is {job.status}", param=None)
+    return job
+
+
+def resume_job(session: Session, owner: str, job_id: str, now: datetime | None = None) -> Job:
+    """paused: queued again, marked as sent now (the caller sends its message after the commit; if that fails,
+    the workers' reconciliation sends one): it continues from its last checkpoint, or with its remaining shards.
+    Any other status: Conflict (a pausing job can be resumed once it is paused)."""
+    job = _get_owned(session, Job, owner, job_id, "job", for_update=True)
+    if job.status != PAUSED:
+        hint = "; resume it once it is paused" if job.status == PAUSING else ""
+        raise Conflict(f"Job {job_id!r} cannot be resumed: it is {job.status}, not paused{hint}", param=None)
+    transition(job, QUEUED)
+    job.dispatched_at = now or _utcnow()
+    add_event(session, job.id, "Resume requested: the job is back in the queue", data={"status": QUEUED})
     return job
 
 

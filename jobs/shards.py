@@ -29,37 +29,46 @@ from jobs.execution import (
     _lock_job,
     _lock_shard,
     _now,
+    _pause,
     _set_lease,
 )
 from jobs.models import SHARD_DONE, SHARD_PENDING, SHARD_RUNNING, GenerationResult, GenerationShard, Job
 from jobs.repository import add_event
-from jobs.states import CANCELLED, CANCELLING, FAILED, RUNNING, SUCCEEDED
+from jobs.states import CANCELLED, CANCELLING, FAILED, PAUSING, RUNNING, SUCCEEDED
 
 __all__ = ["SHARD_PENDING", "SHARD_RUNNING", "SHARD_DONE", "plan_shards", "claim_shard", "renew_shard",
-           "complete_shard", "release_shard", "shards_remaining", "finish_generation"]
+           "complete_shard", "release_shard", "shards_remaining", "shards_running", "finish_generation"]
 
 _RESULT_BATCH = 500  # rows per INSERT: 8 parameters each stays far below PostgreSQL's 65535
 
 
 def finish_generation(session: Session, job_id: str, *, error: dict[str, Any] | None = None,
-                      message: str | None = None) -> Job | None:
+                      message: str | None = None, now: datetime | None = None) -> Job | None:
     """End a generate job on behalf of any worker taking part in it: no lease is needed, and the row lock makes
     concurrent callers safe (one ends the job, the others get None). Returns the ended job, or None when there
     is nothing to end yet (or any more).
 
-    With `error`: a running or cancelling job fails with it. Else a cancelling job is cancelled, and a running
-    job whose shards are planned and all done succeeds. `result` is {"total", "completed", "failed"} counted
-    from the stored results (not for a failed job). Shard leases still held are cleared, so workers still on a
-    shard get LeaseLost at their next renewal. None, changing nothing: a missing, queued or finished job, or a
-    running one whose shards are not planned yet or not all done.
+    With `error`: a running, cancelling or pausing job fails with it. Else a cancelling job is cancelled, a pausing
+    job is paused once no shard is being generated under a live lease (its stored results stay; resumed, it goes on
+    with the shards not done), and a running job whose shards are planned and all done succeeds. `result` is
+    {"total", "completed", "failed"} counted from the stored results (not for a failed job). Shard leases still held
+    are cleared, so workers still on a shard get LeaseLost at their next renewal. None, changing nothing: a missing,
+    queued or finished job, or a running one whose shards are not planned yet or not all done.
     """
     job = _lock_job(session, job_id)
-    if job is None or job.status not in (RUNNING, CANCELLING):
+    if job is None or job.status not in (RUNNING, CANCELLING, PAUSING):
         return None
     if job.type != "generate":
         raise ValueError(f"job {job_id!r} is a {job.type} job, not a generate job")
     if error is not None:
         _end_job(session, job, FAILED, error=error, message=message)
+        return job
+    if job.status == PAUSING:
+        if shards_running(session, job_id, now):
+            return None
+        completed, failed = _result_counts(session, job_id)
+        _pause(session, job, message or f"Job paused: {completed + failed} of {(job.progress or {}).get('total', '?')} "
+               "prompts are done; resumed, it goes on with the rest")
         return job
     if job.status == RUNNING:
         planned = shards_remaining(session, job_id, include_done=True) > 0 or (job.progress or {}).get("total") == 0
@@ -261,6 +270,14 @@ def release_shard(session: Session, job_id: str, index: int, worker_id: str, *, 
     shard.updated_at = datetime.now(timezone.utc)
     session.flush()
     return True
+
+
+def shards_running(session: Session, job_id: str, now: datetime | None = None) -> int:
+    """How many of the job's shards are being generated under a live lease."""
+    now = _now(now)
+    return session.scalar(select(func.count()).select_from(GenerationShard).where(
+        GenerationShard.job_id == job_id, GenerationShard.status == SHARD_RUNNING,
+        GenerationShard.lease_owner.is_not(None), GenerationShard.lease_expires_at > now)) or 0
 
 
 def shards_remaining(session: Session, job_id: str, *, include_done: bool = False) -> int:

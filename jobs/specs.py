@@ -23,8 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from gpt2core.config import GPT2_VOCAB_SIZE  # torch-free: the tokenizer's vocabulary
+from gpt2core.config import GPT2_LINEAR_MODULES, LORA_DEFAULT_TARGET_MODULES  # torch-free: LoRA's target names
 from jobs.errors import InvalidInput
 from jobs.models import ID_LENGTH, Job
 from jobs.settings import KEEP_CHECKPOINTS_MAX
@@ -84,20 +86,34 @@ ModelChoice = Annotated[
 ]
 
 
+#: The hyperparameters that accept "auto" (resolved by the worker that first runs the job: jobs.auto).
+AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate")
+Auto = Literal["auto"]
+
+
 class Hyperparameters(Strict):
     """Training hyperparameters; give max_steps or n_epochs (default: max_steps 1000). warmup_steps defaults to a
-    tenth of max_steps, at most 100."""
+    tenth of the run's steps, at most 100. n_epochs, batch_size and learning_rate accept "auto": the worker that first
+    runs the job resolves them (jobs.auto) and stores the values it used here, naming them in `auto`."""
 
-    # not_both_lengths, as JSON Schema says it (the OpenAPI document shows it; the validator enforces it).
-    model_config = ConfigDict(json_schema_extra={"not": {
-        "required": ["max_steps", "n_epochs"],
-        "properties": {"max_steps": {"type": "integer"}, "n_epochs": {"type": "number"}}}})
+    # not_both_lengths and accumulation_with_auto_batch, as JSON Schema says them (the OpenAPI document shows
+    # them; the validators enforce them).
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"not": {"required": ["max_steps", "n_epochs"],
+                 "properties": {"max_steps": {"type": "integer"}, "n_epochs": {"anyOf": [{"type": "number"},
+                                                                                       {"const": "auto"}]}}}},
+        {"not": {"required": ["batch_size", "grad_accum_steps"], "properties": {"batch_size": {"const": "auto"}}}},
+    ]})
 
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    n_epochs: float | None = Field(default=None, gt=0, le=1000)
-    batch_size: int = Field(default=8, ge=1, le=1024)
+    n_epochs: Annotated[float, Field(gt=0, le=1000)] | Auto | None = Field(
+        default=None, description='Passes over the training data; "auto": from the dataset\'s size.')
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        default=8, description='Windows per micro-batch; "auto": a global batch from the dataset\'s size, split '
+                               'into the largest micro-batch the device fits and grad_accum_steps.')
     grad_accum_steps: int = Field(default=1, ge=1, le=1024)
-    learning_rate: float = Field(default=6e-4, gt=0, le=1)
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
+        default=6e-4, description='Peak learning rate; "auto": by method and model size.')
     warmup_steps: int | None = Field(default=None, ge=0, le=1_000_000)
     weight_decay: float = Field(default=0.1, ge=0, le=10)
     eval_every: int = Field(default=100, ge=0, le=1_000_000, description="Steps between evaluations; 0: never.")
@@ -108,6 +124,50 @@ class Hyperparameters(Strict):
                                          "the last this many (the newest is the one the job resumes from) plus the "
                                          "one with the lowest validation loss. Default: the server's "
                                          "KEEP_CHECKPOINTS (3 unless configured), filled in at submission.")
+    early_stopping_patience: int = Field(default=0, ge=0, le=10_000, description="Evaluations in a row without a "
+                                         "lower validation loss before training stops; 0: never stops early.")
+    select_model: Literal["last", "best"] = Field(default="last", description='The model the job registers: the '
+                                                  'last step\'s, or "best": the checkpoint with the lowest '
+                                                  'validation loss (one is written at every new best).')
+    divergence_threshold: float = Field(default=2.0, ge=0, le=1000, json_schema_extra={
+                                        "not": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+                                        description="The divergence guard: the job "
+                                        "fails (training_diverged) when the training loss stays above this many "
+                                        "times its recent level for divergence_patience steps; 0: only a "
+                                        "non-finite loss stops it.")
+    divergence_patience: int = Field(default=5, ge=1, le=10_000)
+    auto: SkipJsonSchema[list[Literal["n_epochs", "batch_size", "learning_rate"]]] = Field(
+        default_factory=list, description='Set by the server: which of the values above were "auto" and were '
+                                          "resolved by the worker.")
+
+    @field_validator("auto")
+    @classmethod
+    def auto_is_the_servers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and (info.context or {}).get("submission"):
+            raise ValueError('is set by the server; give "auto" as the value of n_epochs, batch_size or learning_rate')
+        return value
+
+    @field_validator("early_stopping_patience", "select_model")
+    @classmethod
+    def needs_evaluations(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (0, "last") and info.data.get("eval_every") == 0:
+            raise ValueError("needs evaluations: set eval_every above 0 (and give a validation split)")
+        return value
+
+    @field_validator("grad_accum_steps")
+    @classmethod
+    def accumulation_with_auto_batch(cls, value: int, info: ValidationInfo) -> int:
+        # At submission only: a stored job holds every field (the worker reads it back before resolving).
+        if info.data.get("batch_size") == "auto" and (info.context or {}).get("submission"):
+            raise ValueError('is chosen with batch_size "auto"; leave it out, or give batch_size a number')
+        return value
+
+    @field_validator("divergence_threshold")
+    @classmethod
+    def threshold_above_one(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("must be 0 (off) or greater than 1 (a multiple of the recent loss level)")
+        return value
 
     @field_validator("n_epochs")
     @classmethod
@@ -133,8 +193,9 @@ class Hyperparameters(Strict):
     def default_length(self) -> "Hyperparameters":
         if self.max_steps is None and self.n_epochs is None:
             self.max_steps = 1000
-        if self.warmup_steps is None:
-            self.warmup_steps = min(100, self.max_steps // 10) if self.max_steps is not None else 100
+        if self.warmup_steps is None and self.max_steps is not None:
+            self.warmup_steps = min(100, self.max_steps // 10)  # a run in epochs: the worker's rule, once its
+                                                                # length is known (workers.convert.train_config)
         return self
 
 
@@ -187,9 +248,50 @@ class TrainSpec(Strict):
         return f"{base_name}:{self.suffix or job_id.removeprefix('job-')[:8]}"
 
 
+class FullMethod(Strict):
+    """Full fine-tuning: every weight of the model is trained."""
+
+    type: Literal["full"]  # required, as the discriminator of FinetuneMethod (the JSON Schema says so too)
+
+
+class LoraMethod(Strict):
+    """LoRA fine-tuning (low-rank adaptation, with Hugging Face peft): the model's weights stay frozen and small
+    adapters on the target_modules Linear layers are trained, their update scaled by alpha / rank. The registered
+    model has the adapters merged in: a plain GPT-2 checkpoint, like any other."""
+
+    type: Literal["lora"]
+    rank: int = Field(default=8, ge=1, le=256, description="The adapters' rank.")
+    alpha: float = Field(default=16, gt=0, le=1024, description="The adapters' update is scaled by alpha / rank.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGET_MODULES), min_length=1, max_length=8,
+        json_schema_extra={"items": {"type": "string", "enum": list(GPT2_LINEAR_MODULES)}, "uniqueItems": True,
+                           "default": list(LORA_DEFAULT_TARGET_MODULES)},
+        description="GPT-2's Linear layers to adapt: a bare name adapts that layer in every block ('c_proj': the "
+                    "attention and MLP output projections), 'attn.c_proj' or 'mlp.c_proj' one of them. Default: "
+                    "every Linear layer of every block.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def known_modules(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in GPT2_LINEAR_MODULES:
+                raise ValueError(f"{name!r} is not a Linear layer of GPT-2; choose from {', '.join(GPT2_LINEAR_MODULES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a name is repeated")
+        return value
+
+
+# The tags appear in validation error locations right after "method"; api.errors leaves them out of `param`.
+METHOD_TAGS = ("full", "lora")
+FinetuneMethod = Annotated[Union[FullMethod, LoraMethod], Field(discriminator="type")]
+
+
 class FinetuneSpec(TrainSpec):
     type: Literal["finetune"]  # type: ignore[assignment]
     model: ModelId = Field(description="The id of a registered model (model-...).")  # type: ignore[assignment]
+    method: FinetuneMethod = Field(default_factory=lambda: FullMethod(type="full"), description='How the model is fine-tuned: '
+                                   '{"type": "full"} (every weight, the default) or {"type": "lora", ...}.')
 
 
 class GenerateSpec(Strict):

@@ -4,6 +4,11 @@ queued -> running | cancelled
 running -> succeeded | failed | cancelling | queued   (queued: its worker died, shut down or lost the database;
                                                        the job waits for the next worker and resumes)
 cancelling -> cancelled | succeeded | failed          (the worker may finish before it notices the cancel)
+queued -> paused                                      (paused before a worker took it)
+running -> pausing -> paused                          (its worker writes a checkpoint, or its generation shards
+                                                       finish, and frees itself)
+pausing -> cancelling | succeeded | failed            (cancelled while pausing; or the run ended first)
+paused -> queued | cancelled                          (resumed: it continues from where it paused)
 """
 from __future__ import annotations
 
@@ -21,13 +26,17 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLING = "cancelling"
 CANCELLED = "cancelled"
+PAUSING = "pausing"
+PAUSED = "paused"
 
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED, PAUSING, PAUSED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ALLOWED: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({RUNNING, CANCELLED}),
-    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLING, QUEUED}),
+    QUEUED: frozenset({RUNNING, CANCELLED, PAUSED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLING, QUEUED, PAUSING}),
     CANCELLING: frozenset({CANCELLED, SUCCEEDED, FAILED}),
+    PAUSING: frozenset({PAUSED, CANCELLING, SUCCEEDED, FAILED}),
+    PAUSED: frozenset({QUEUED, CANCELLED}),
     SUCCEEDED: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),

@@ -365,3 +365,158 @@ def test_loader_rejects_too_short_data():
     with pytest.raises(DatasetError, match="needs at least 17"):
         BatchLoader(np.arange(16, dtype=np.uint16), block_size=16, batch_size=2)
     BatchLoader(np.arange(17, dtype=np.uint16), block_size=16, batch_size=2).next_batch()  # just enough
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt/completion records and loss masks
+# --------------------------------------------------------------------------------------------------
+
+
+def jsonl(path: Path, records: list[dict]) -> Path:
+    return write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+PC_RECORDS = [
+    {"prompt": "Question: what is two plus two?\nAnswer:", "completion": " four", "id": 1},  # extra field ignored
+    {"text": "A plain document, trained on whole."},
+    {"prompt": "The cat", "completion": "s are here"},  # tokenized apart: not the tokens of "The cats are here"
+    {"prompt": "Say nothing:", "completion": ""},  # only the EOT is a target
+    {"prompt": "", "completion": ""},  # no document, as an empty text is not
+    {"prompt": "", "completion": "No prompt at all."},
+]
+
+
+def pc_expected(tokenizer, records) -> tuple[list[int], list[int]]:
+    """The tokens and mask a prompt/completion file must give, built from the rule directly."""
+    tokens, mask = [], []
+    for r in records:
+        prompt, completion = ("", r["text"]) if "text" in r else (r["prompt"], r["completion"])
+        if not prompt and not completion:
+            continue
+        p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
+        tokens += p + c + [EOT]
+        mask += [0] * len(p) + [1] * (len(c) + 1)
+    return tokens, mask
+
+
+def test_prompt_completion_records_write_aligned_masks(tmp_path, tokenizer):
+    src = jsonl(tmp_path / "pc.jsonl", PC_RECORDS)
+    tokens, mask = pc_expected(tokenizer, PC_RECORDS)
+    assert tokenizer.encode("The cat") + tokenizer.encode("s are here") != tokenizer.encode("The cats are here")
+    info = prepare_dataset(src, tmp_path / "ds", val_fraction=0.0, tokenizer=tokenizer)
+    out = tmp_path / "ds"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "train.mask.bin", "val.bin", "val.mask.bin"]
+    assert read_tokens(out / "train.bin") == tokens
+    assert (out / "train.mask.bin").read_bytes() == bytes(mask)  # uint8 per token, 1 = target
+    assert (out / "val.mask.bin").stat().st_size == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["files"] == {"train": "train.bin", "val": "val.bin", "train_mask": "train.mask.bin",
+                             "val_mask": "val.mask.bin"}
+    assert meta["targets"] == {"train": sum(mask), "val": 0} and meta["mask"]["dtype"] == "uint8"
+    assert meta["sources"][0]["documents"] == 5 and info.masked
+    ds = load_dataset(out)
+    assert ds.train.tolist() == tokens and ds.train_mask.tolist() == mask
+    assert ds.train_mask.dtype == np.uint8 and ds.val_mask.size == 0
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.37, 0.5])
+def test_masks_are_split_with_the_tokens(tmp_path, tokenizer, val_fraction):
+    """The split is by token offset, per source, wherever it falls (inside a prompt too); masks follow it, and a
+    source without prompts gets mask 1s, before or after a masked source."""
+    text = write(tmp_path / "a.txt", "Some plain text before the pairs.\n")
+    pairs = [{"prompt": f"Prompt number {i} is here:", "completion": f" answer {i}"} for i in range(7)]
+    pc = jsonl(tmp_path / "b.jsonl", pairs)
+    after = jsonl(tmp_path / "c.jsonl", [{"text": "and text after"}])
+    prepare_dataset([text, pc, after], tmp_path / "ds", val_fraction=val_fraction, tokenizer=tokenizer, chunk_bytes=8)
+    ds = load_dataset(tmp_path / "ds")
+    parts = [(tokenizer.encode(text.read_text()) + [EOT], None), pc_expected(tokenizer, pairs),
+             pc_expected(tokenizer, [{"text": "and text after"}])]
+    train, train_mask, val, val_mask = [], [], [], []
+    for tokens, mask in parts:
+        mask = [1] * len(tokens) if mask is None else mask
+        cut = len(tokens) - math.ceil(len(tokens) * val_fraction)
+        train, train_mask = train + tokens[:cut], train_mask + mask[:cut]
+        val, val_mask = val + tokens[cut:], val_mask + mask[cut:]
+    assert ds.train.tolist() == train and ds.train_mask.tolist() == train_mask
+    assert ds.val.tolist() == val and ds.val_mask.tolist() == val_mask
+    assert ds.meta["targets"] == {"train": sum(train_mask), "val": sum(val_mask)}
+
+
+def test_text_datasets_have_no_mask_and_replace_an_earlier_masked_one(tmp_path, tokenizer):
+    out = tmp_path / "ds"
+    prepare_dataset(jsonl(tmp_path / "pc.jsonl", PC_RECORDS), out, val_fraction=0.2)
+    assert load_dataset(out).train_mask is not None
+    # Lines with empty prompts only: no token is masked, so it is written as plain text is.
+    prepare_dataset(jsonl(tmp_path / "np.jsonl", [{"prompt": "", "completion": "x y"}, {"text": "z"}]), out,
+                    val_fraction=0.2)
+    ds = load_dataset(out)
+    assert ds.train_mask is None and ds.val_mask is None
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # no stale masks
+    assert "train_mask" not in ds.meta["files"] and "targets" not in ds.meta and "mask" not in ds.meta
+
+
+def test_load_dataset_rejects_a_mask_of_the_wrong_length(tmp_path):
+    out = tmp_path / "ds"
+    prepare_dataset(jsonl(tmp_path / "pc.jsonl", PC_RECORDS), out, val_fraction=0.2)
+    whole = (out / "train.mask.bin").read_bytes()
+    (out / "train.mask.bin").write_bytes(whole[:-1])
+    with pytest.raises(DatasetError, match="train.mask.bin: has .* entries but the train split has"):
+        load_dataset(out)
+    (out / "train.mask.bin").write_bytes(whole)
+    (out / "val.mask.bin").unlink()
+    with pytest.raises(DatasetError, match="no such mask file"):
+        load_dataset(out)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "x"}', 'has "prompt" but no "completion"'),
+        ('{"completion": "x", "source": "web"}', 'has "completion" but no "prompt"'),
+        ('{"prompt": 1, "completion": "x"}', '"prompt" must be a string, got int'),
+        ('{"prompt": "x", "completion": null}', '"completion" must be a string, got NoneType'),
+        ('{"prompt": "x", "completion": "\\udc00"}', '"completion" has an unpaired surrogate'),
+        ('{"text": "a", "completion": "b"}', 'has both "text" and "completion"'),
+        ('{"source": "web"}', 'no "text" field \\(nor "prompt" and "completion"\\)'),
+    ],
+)
+def test_bad_prompt_completion_lines_name_file_and_line(tmp_path, line, message):
+    src = write(tmp_path / "bad.jsonl", '{"prompt": "good", "completion": " line"}\n\n' + line + "\n")
+    with pytest.raises(DatasetError, match=message) as exc:
+        prepare_dataset(src, tmp_path / "ds")
+    assert f"{src}:3:" in str(exc.value) and exc.value.line == 3
+
+
+def test_loader_puts_ignore_index_exactly_at_masked_targets():
+    """Tokens 0..N-1 (a token's value is its position) with a random mask: y is -100 exactly where the target
+    token's mask is 0; the windows, inputs and loader state are those of the same loader without a mask."""
+    n = 3000
+    data = np.arange(n, dtype=np.uint16)
+    mask = np.random.default_rng(1).integers(0, 2, n).astype(np.uint8)
+    masked, plain = BatchLoader(data, 32, 8, seed=4, mask=mask), BatchLoader(data, 32, 8, seed=4)
+    for _ in range(5):
+        (x, y), (px, py) = masked.next_batch(), plain.next_batch()
+        assert torch.equal(x, px)
+        expected = torch.where(torch.from_numpy(mask[py.numpy()] == 0), torch.full_like(py, -100), py)
+        assert torch.equal(y, expected) and (y == -100).any() and (y != -100).any()
+    assert masked.state_dict() == plain.state_dict()
+    again = BatchLoader(data, 32, 8, seed=4, mask=torch.from_numpy(mask.astype(bool)))  # a bool tensor works too
+    again.load_state_dict({"position": 3, "seed": 4})
+    assert torch.equal(again.next_batch()[1], BatchLoader(data, 32, 8, seed=4, mask=mask).batch(3)[1])
+    with pytest.raises(ValueError, match="loss mask has 2999 entries, but there are 3000 tokens"):
+        BatchLoader(data, 32, 8, mask=mask[:-1])
+
+
+def test_loader_masks_a_prepared_prompt_completion_dataset(tmp_path, tokenizer):
+    pairs = [{"prompt": f"Tell me fact {i} about the sea:", "completion": f" the sea has {i} waves"} for i in range(40)]
+    prepare_dataset(jsonl(tmp_path / "pc.jsonl", pairs), tmp_path / "ds", val_fraction=0.0)
+    ds = load_dataset(tmp_path / "ds")
+    loader = BatchLoader(ds.train, 16, 4, seed=0, mask=ds.train_mask)
+    plain = BatchLoader(ds.train, 16, 4, seed=0)
+    completion_ids = {t for i in range(40) for t in tokenizer.encode(f" the sea has {i} waves")} | {EOT}
+    for _ in range(3):
+        (_, y), (_, py) = loader.next_batch(), plain.next_batch()
+        kept = y != -100
+        assert torch.equal(y[kept], py[kept]) and set(y[kept].tolist()) <= completion_ids
+        assert not kept.all()

@@ -44,6 +44,7 @@ class Recorder(TrainerCallback):
         self.stop_after = stop_after
         self.steps: list[StepMetrics] = []
         self.evals: list[tuple] = []
+        self.accuracies: list = []
         self.samples: list[tuple] = []
         self.checkpoints: list[tuple] = []
         self.polls = 0
@@ -51,8 +52,9 @@ class Recorder(TrainerCallback):
     def on_step(self, metrics):
         self.steps.append(metrics)
 
-    def on_eval(self, step, val_loss, perplexity):
+    def on_eval(self, step, val_loss, perplexity, accuracy):
         self.evals.append((step, val_loss, perplexity))
+        self.accuracies.append(accuracy)
 
     def on_sample(self, step, samples):
         self.samples.append((step, samples))
@@ -375,3 +377,221 @@ def test_visibly_learns_python_docs(tmp_path):
     result = Trainer(model, cfg, train, val).fit()
     print(f"val loss {result.val_loss:.3f} vs unigram entropy {entropy:.3f} nats")
     assert result.val_loss < entropy - 1.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt/completion data: loss masks
+# --------------------------------------------------------------------------------------------------
+
+
+def pc_dataset(tmp_path, n: int = 80, val_fraction: float = 0.25):
+    """A prepared prompt/completion dataset: long prompts, short completions."""
+    import json
+
+    records = [{"prompt": f"Question {i}: which number comes right after {i} when counting up? Answer:",
+                "completion": f" {i + 1}, of course."} for i in range(n)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_dataset(tmp_path / "pc.jsonl", tmp_path / "ds", val_fraction=val_fraction)
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.train_mask is not None and 0 < ds.train_mask.mean() < 0.5
+    return ds
+
+
+def tiny_gpt2(seed: int = 0, peaked: bool = True) -> GPT2:
+    """The brief's tiny GPT-2; `peaked` scales the (tied) embeddings up so per-token losses differ a lot."""
+    torch.manual_seed(seed)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    if peaked:
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(40)
+    return model
+
+
+def windows(tokens, mask, starts, T):
+    """Inputs, targets and the targets' mask (1 = counted) of the windows at `starts`, built by hand."""
+    w = np.stack([np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in starts])
+    m = np.ones_like(w) if mask is None else np.stack([np.asarray(mask[s : s + T + 1]) for s in starts])
+    return torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:]), torch.from_numpy(m[:, 1:].astype(bool))
+
+
+@torch.no_grad()
+def direct(model, x, y, counted):
+    """(sum of per-target cross-entropies in float64, correct argmax predictions, counted targets), by hand."""
+    logits, _ = model(x)
+    nll = -torch.log_softmax(logits.double(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+    return nll[counted].sum().item(), int((logits.argmax(-1) == y)[counted].sum()), int(counted.sum())
+
+
+def loader_starts(n_tokens: int, T: int, B: int, seed: int, index: int) -> np.ndarray:
+    """Where BatchLoader batch `index` starts its windows (its documented rule)."""
+    return np.random.default_rng([seed, index]).integers(0, n_tokens - T, size=B)
+
+
+def test_completion_only_training_loss_equals_a_direct_computation(tmp_path):
+    """The first step's loss is the completion targets' cross-entropy summed over both micro-batches and divided
+    by their count (token-weighted, not a mean of micro-batch means), and clearly not the whole lines' loss."""
+    ds = pc_dataset(tmp_path)
+    T, B, seed = 48, 3, 5
+    cfg = TrainConfig(max_steps=1, batch_size=B, block_size=T, grad_accum_steps=2, warmup_steps=0, device="cpu",
+                      seed=seed)
+    model = tiny_gpt2()
+    model.train()  # dropout is 0: the step's forward computes what this does
+    sums = [direct(model, *windows(ds.train, ds.train_mask, loader_starts(len(ds.train), T, B, seed, i), T))
+            for i in range(2)]
+    whole = [direct(model, *windows(ds.train, None, loader_starts(len(ds.train), T, B, seed, i), T)) for i in range(2)]
+    counts = [c for _, _, c in sums]
+    assert counts[0] != counts[1] and 0 < sum(counts) < sum(c for _, _, c in whole)
+    expected = sum(s for s, _, _ in sums) / sum(counts)
+    whole_loss = sum(s for s, _, _ in whole) / sum(c for _, _, c in whole)
+    assert abs(expected - whole_loss) > 0.5  # masking the prompts matters
+    loss = Trainer(model, cfg, ds.train, train_mask=ds.train_mask).train_step().loss
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+    # The same data without its mask: the loss over whole lines.
+    unmasked = Trainer(tiny_gpt2(), cfg, ds.train).train_step().loss
+    assert unmasked == pytest.approx(whole_loss, abs=1e-5)
+
+
+def test_plain_text_loss_is_what_it_was():
+    """Without a mask the step's loss is the mean of its micro-batches' mean losses (every micro-batch has
+    B * T targets), as before masks; an all-ones mask changes nothing at all."""
+    data = random_tokens(3000, seed=4)
+    cfg = TrainConfig(max_steps=3, batch_size=2, block_size=32, grad_accum_steps=3, warmup_steps=0, device="cpu")
+    model = small_model(seed=3)
+    with torch.no_grad():
+        means = [model(x, y)[1].item() for x, y in (BatchLoader(data, 32, 2, seed=cfg.seed).batch(i) for i in range(3))]
+    trainer = Trainer(model, cfg, data)
+    assert trainer.train_step().loss == pytest.approx(sum(means) / 3, abs=1e-6)
+    plain = Trainer(small_model(seed=3), cfg, data).fit().losses
+    ones = Trainer(small_model(seed=3), cfg, data, train_mask=np.ones(len(data), np.uint8)).fit().losses
+    assert plain == ones
+
+
+def test_evaluate_scores_completions_only(tmp_path):
+    """evaluate(): the mean loss over the counted (completion) targets of the deterministic windows, token
+    accuracy (argmax == target among them) and their count, against a direct computation."""
+    from gpt2core import EvalResult
+    from gpt2core.data import eval_window_starts
+
+    ds = pc_dataset(tmp_path, n=120)
+    T = 32
+    cfg = TrainConfig(batch_size=3, block_size=T, device="cpu", eval_windows=5)
+    model = tiny_gpt2()
+    trainer = Trainer(model, cfg, ds.train, ds.val, train_mask=ds.train_mask, val_mask=ds.val_mask)
+    loss = trainer.evaluate()
+    starts = eval_window_starts(len(ds.val), T, cfg.eval_windows)
+    assert len(starts) == 5
+    model.eval()
+    total, correct, count = direct(model, *windows(ds.val, ds.val_mask, starts, T))
+    assert isinstance(trainer.last_eval, EvalResult)
+    assert trainer.last_eval.tokens == count and 0 < count < 5 * T
+    assert loss == trainer.last_eval.loss == pytest.approx(total / count, abs=1e-5)
+    assert trainer.last_eval.accuracy == pytest.approx(correct / count, abs=1e-12)
+
+    # Without the mask, every target counts: the loss over whole lines.
+    whole = Trainer(model, cfg, ds.train, ds.val)
+    whole_loss = whole.evaluate()
+    total, correct, count = direct(model, *windows(ds.val, None, starts, T))
+    assert whole.last_eval.tokens == count == 5 * T and whole_loss == pytest.approx(total / count, abs=1e-5)
+    assert whole.last_eval.accuracy == pytest.approx(correct / count, abs=1e-12)
+    assert abs(whole_loss - loss) > 0.5
+
+
+def test_token_accuracy_equals_a_direct_computation():
+    """A model that has learnt a cycle of 10 tokens, 30% of them replaced by noise: its accuracy on the counted
+    targets is neither 0 nor 1, and equals the fraction of them that are their position's argmax prediction."""
+    from gpt2core.data import eval_window_starts
+
+    rng = np.random.default_rng(0)
+    data = np.tile(np.arange(10, dtype=np.uint16) * 7, 300)
+    noise = rng.random(data.size) < 0.3
+    data[noise] = rng.integers(0, 256, int(noise.sum()))
+    mask = prompt_like_mask(data.size, seed=3)
+    T = 32
+    cfg = TrainConfig(max_steps=15, batch_size=8, block_size=T, learning_rate=3e-3, warmup_steps=2, device="cpu",
+                      eval_windows=12)
+    trainer = Trainer(small_model(), cfg, data[:2500], data[2500:], train_mask=mask[:2500], val_mask=mask[2500:])
+    trainer.fit()
+    loss = trainer.evaluate()
+    trainer.model.eval()
+    starts = eval_window_starts(500, T, cfg.eval_windows)
+    total, correct, count = direct(trainer.model, *windows(data[2500:], mask[2500:], starts, T))
+    assert trainer.last_eval.tokens == count
+    assert 0 < correct < count and trainer.last_eval.accuracy == pytest.approx(correct / count, abs=1e-12)
+    assert loss == pytest.approx(total / count, abs=1e-5)
+
+
+def test_steps_and_evaluations_without_counted_targets():
+    """A micro-batch whose targets are all masked adds nothing (no NaN); a step without any counted target
+    changes no weight and reports 0.0; an evaluation without any raises ValueError."""
+    T = 16
+    data = random_tokens(T + 2, seed=9)
+    mask = np.zeros(T + 2, np.uint8)
+    mask[-1] = 1  # only the last token is a target: a window starting at 0 has none, one at 1 has one
+    seed = next(s for s in range(100)
+                if [int(loader_starts(T + 2, T, 1, s, i)[0]) for i in range(2)] == [0, 1])
+    cfg = TrainConfig(max_steps=1, batch_size=1, block_size=T, grad_accum_steps=2, warmup_steps=0, device="cpu",
+                      seed=seed)
+    model = small_model(seed=2)
+    x, y, counted = windows(data, mask, [1], T)
+    model.train()
+    total, _, count = direct(model, x, y, counted)
+    assert count == 1
+    assert Trainer(model, cfg, data, train_mask=mask).train_step().loss == pytest.approx(total, abs=1e-5)
+
+    model = small_model(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, cfg, data, data, train_mask=np.zeros_like(mask), val_mask=np.zeros_like(mask))
+    metrics = trainer.train_step()
+    assert metrics.loss == 0.0 and metrics.step == 1
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="evaluation has no target to score"):
+        trainer.evaluate()
+
+
+def test_mask_arguments_are_checked():
+    data = random_tokens(500)
+    loader = BatchLoader(data, 16, 2, mask=np.ones(500, np.uint8))
+    with pytest.raises(ValueError, match="train_data is a loader: give it the mask"):
+        Trainer(small_model(), TrainConfig(device="cpu"), loader, train_mask=np.ones(500, np.uint8))
+    with pytest.raises(ValueError, match="val_mask was given without val_data"):
+        Trainer(small_model(), TrainConfig(device="cpu"), data, val_mask=np.ones(500, np.uint8))
+    with pytest.raises(ValueError, match="loss mask has 499 entries"):
+        Trainer(small_model(), TrainConfig(device="cpu"), data, train_mask=np.ones(499, np.uint8))
+
+
+def prompt_like_mask(n: int, seed: int) -> np.ndarray:
+    """Runs of 0s (prompts) and 1s (completions) of random lengths."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    while sum(len(r) for r in runs) < n:
+        runs += [np.zeros(rng.integers(5, 40), np.uint8), np.ones(rng.integers(1, 12), np.uint8)]
+    return np.concatenate(runs)[:n]
+
+
+def run_masked(ckpt_dir, *, resume_from=None, stop_after=None):
+    model = small_model(dropout=0.1, seed=123)
+    data, mask = random_tokens(4000, seed=1), prompt_like_mask(4000, seed=2)
+    cfg = TrainConfig(max_steps=6, batch_size=2, block_size=32, grad_accum_steps=2, learning_rate=1e-3,
+                      warmup_steps=2, checkpoint_every=3, checkpoint_dir=ckpt_dir, eval_every=3, eval_windows=4,
+                      device="cpu", seed=7)
+    recorder = Recorder(stop_after=stop_after)
+    trainer = Trainer(model, cfg, data[:3500], data[3500:], callbacks=[recorder], train_mask=mask[:3500],
+                      val_mask=mask[3500:])
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    return trainer, trainer.fit(), recorder
+
+
+def test_exact_resume_with_masks(tmp_path):
+    full_trainer, full, _ = run_masked(tmp_path / "full")
+    assert full.steps == 6 and all(math.isfinite(v) and v > 0 for v in full.losses)
+    _, stopped, _ = run_masked(tmp_path / "stopped", stop_after=4)
+    assert stopped.stopped and stopped.steps == 4
+    resumed_trainer, rest, rec = run_masked(tmp_path / "stopped", resume_from=tmp_path / "stopped")
+    assert [m.step for m in rec.steps] == [5, 6]
+    np.testing.assert_allclose(stopped.losses + rest.losses, full.losses, rtol=0, atol=1e-6)
+    assert rest.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+    assert resumed_trainer.last_eval.tokens == full_trainer.last_eval.tokens
+    assert resumed_trainer.last_eval.accuracy == pytest.approx(full_trainer.last_eval.accuracy, abs=1e-9)

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from gpt2core import GPT2, GPT2Config, SamplingParams, TrainConfig
-from jobs.specs import Hyperparameters, ModelShape, Sampling
+from gpt2core.lora import LoraSettings  # torch only: peft is imported when a model is wrapped
+from jobs.specs import Hyperparameters, LoraMethod, ModelShape, Sampling
 
 
 def sampling_params(sampling: Sampling, seed: int) -> SamplingParams:
@@ -26,6 +27,12 @@ def model_config(choice: str | ModelShape) -> GPT2Config:
                       block_size=choice.block_size)
 
 
+def lora_settings(method: LoraMethod) -> LoraSettings:
+    """A finetune job's LoRA method as gpt2core's LoraSettings."""
+    return LoraSettings(rank=method.rank, alpha=method.alpha, dropout=method.dropout,
+                        target_modules=tuple(method.target_modules))
+
+
 def new_model(config: GPT2Config, seed: int) -> GPT2:
     """A freshly initialised model whose weights depend only on `config` and the job's `seed`."""
     with torch.random.fork_rng(devices=[]):
@@ -36,11 +43,18 @@ def new_model(config: GPT2Config, seed: int) -> GPT2:
 def train_config(hyper: Hyperparameters, *, steps: int, seed: int, evaluate: bool, checkpoint_dir: Path
                  ) -> TrainConfig:
     """gpt2core's TrainConfig for a job of `steps` optimizer steps; `evaluate` False when there is no validation
-    data (the job is told so in a warning event)."""
+    data (the job is told so in a warning event: early stopping and select_model "best" then cannot act either).
+    The hyperparameters' "auto" values must be resolved (jobs.auto) before; warmup_steps None (a run in epochs
+    that gave none) is a tenth of the run, at most 100."""
+    assert not isinstance(hyper.batch_size, str) and not isinstance(hyper.learning_rate, str), "resolve auto first"
+    warmup = hyper.warmup_steps if hyper.warmup_steps is not None else min(100, steps // 10)
     return TrainConfig(
         max_steps=steps, batch_size=hyper.batch_size, grad_accum_steps=hyper.grad_accum_steps,
-        learning_rate=hyper.learning_rate, warmup_steps=min(hyper.warmup_steps or 0, steps),
+        learning_rate=hyper.learning_rate, warmup_steps=min(warmup, steps),
         weight_decay=hyper.weight_decay, eval_every=hyper.eval_every if evaluate else 0,
         checkpoint_every=hyper.checkpoint_every, checkpoint_dir=checkpoint_dir,
         sample_every=hyper.sample_every, seed=seed,
+        early_stopping_patience=hyper.early_stopping_patience if evaluate else 0,
+        checkpoint_best=hyper.select_model == "best" and evaluate and bool(hyper.eval_every),
+        divergence_threshold=hyper.divergence_threshold, divergence_patience=hyper.divergence_patience,
     )

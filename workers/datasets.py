@@ -50,7 +50,10 @@ def dataset_lock(folder: Path) -> Path:
 
 
 def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
-    """The file's tokens, prepared once per (content, tokenizer, split) and reused by every later job."""
+    """The file's tokens, prepared once per (content, tokenizer, split) and reused by every later job; for a
+    prompt/completion file also their loss masks (``train_mask``/``val_mask``, None for text), which
+    prepare_dataset writes and load_dataset opens by themselves. (The key needs no new format version: text
+    datasets are written as before, and no earlier version accepted prompt/completion lines.)"""
     key = f"{file.sha256}-{GPT2Tokenizer.name}-v{FORMAT_VERSION}-val{val_fraction:g}"
     folder = rt.artifacts.root / "datasets" / key
     with locked(dataset_lock(folder)):

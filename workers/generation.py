@@ -4,7 +4,8 @@ The first delivery of a job claims it, plans its shards and sends one more messa
 idle worker on the `generate` queue joins in. Each delivery then takes shards until none is left; a shard's
 results are upserted by (job, index), so a shard done twice never duplicates a line. The claimer of the job
 stays until the job ends (it takes over shards whose workers died); whoever completes the last shard, or sees
-the job cancelling, ends the job.
+the job cancelling, ends the job. A pausing job hands out no new shard; the shards being generated are finished
+and stored, and then the job is paused; resumed, it goes on with the shards not done.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from jobs.models import File, Job, Model
 from jobs.queue import enqueue
 from jobs.readers import read_generation_file
 from jobs.specs import GenerateSpec, Sampling, job_spec
-from jobs.states import RUNNING
+from jobs.states import PAUSING, RUNNING
 
 from .convert import sampling_params
 from .runtime import ACTIVE_JOBS, SHUTTING_DOWN, JobFailure, LeaseKeeper, Runtime, error_for, is_infrastructure_error
@@ -292,11 +293,15 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
             shard = shards.claim_shard(session, job.id, rt.worker_id, lease_seconds)
             if shard is not None:
                 return (shard.index, shard.start, shard.stop, shard.attempts), False
-            if session.get(Job, job.id).status != RUNNING or shards.shards_remaining(session, job.id) == 0:
+            status = session.get(Job, job.id).status
+            if status != RUNNING or shards.shards_remaining(session, job.id) == 0:
                 finished = shards.finish_generation(session, job.id)
                 if finished is not None:
                     log.info("job %s: %s", job.id, finished.status)
-                return None, True
+                    return None, True
+                # Pausing: paused by whoever stores the last shard being generated (or, if that worker is lost,
+                # once its shard lease has run out).
+                return None, status != PAUSING
             return None, False
 
         claimed, over = rt.persist(take)

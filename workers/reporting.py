@@ -45,6 +45,7 @@ class JobReporter(TrainerCallback):
         self.metric_rows: dict[int, dict[str, Any]] = {}  # by step, not yet handed to `pending`
         self.last_row: dict[str, Any] | None = None  # the latest step's row, kept or not (an evaluation keeps it)
         self.val_loss: float | None = None
+        self.evaluation: tuple[int, float | None] | None = None  # (step, token accuracy) of the last evaluation
         self.last_write = 0.0
         self.step = 0
         self.progress: dict[str, Any] = {"tokens_per_second": None}  # the last progress written
@@ -143,13 +144,15 @@ class JobReporter(TrainerCallback):
                 "step": metrics.step, "loss": metrics.loss, "learning_rate": metrics.learning_rate,
                 "grad_norm": metrics.grad_norm, "tokens_per_second": metrics.tokens_per_second})
 
-    def on_eval(self, step: int, val_loss: float, perplexity: float) -> None:
+    def on_eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None) -> None:
         self.val_loss = round(val_loss, 4)
+        self.evaluation = (step, accuracy)
         # The step's whole row (written again if it was already stored), so an evaluation step is always kept.
         latest = self.last_row if self.last_row is not None and self.last_row["step"] == step else {"step": step}
         self.metric_rows[step] = {**latest, "val_loss": val_loss}
-        self.event(f"step {step}: validation loss {val_loss:.4f} (perplexity {perplexity:.1f})", "metrics",
-                   {"step": step, "val_loss": val_loss, "perplexity": perplexity})
+        shown = f", token accuracy {accuracy:.1%}" if accuracy is not None else ""
+        self.event(f"step {step}: validation loss {val_loss:.4f} (perplexity {perplexity:.1f}{shown})", "metrics",
+                   {"step": step, "val_loss": val_loss, "perplexity": perplexity, "accuracy": accuracy})
 
     def on_sample(self, step: int, samples) -> None:
         self.event(f"step {step}: samples", data={"step": step, "samples": [
@@ -158,15 +161,25 @@ class JobReporter(TrainerCallback):
     def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
         self.step = step
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        accuracy = self.evaluation[1] if self.evaluation is not None and self.evaluation[0] == step else None
 
         def record(session: Session) -> None:
-            execution.record_checkpoint(session, self.job_id, step, train_loss, val_loss, str(path), size)
+            execution.record_checkpoint(session, self.job_id, step, train_loss, val_loss, str(path), size,
+                                        val_accuracy=accuracy)
             repository.add_event(session, self.job_id, f"Checkpoint saved at step {step}")
 
         self.write(record)
 
     def should_stop(self) -> bool:
         return self.lease.should_stop
+
+    def current_progress(self) -> dict[str, Any] | None:
+        """The progress as of the last step trained (the last one written may be up to a second older), for a run
+        that stops before its end (a pause, a cancel, a shutdown); None before any step."""
+        if self.last_row is None or self.progress.get("step") == self.last_row["step"]:
+            return self.progress if self.progress.get("step") else None
+        return {**self.progress, "step": self.last_row["step"], "total_steps": self.steps,
+                "loss": round(self.last_row["train_loss"], 4), "val_loss": self.val_loss, "eta_seconds": None}
 
     def finished(self, step: int, loss: float | None) -> None:
         """The progress of a run that reached its end (also one resumed from its final checkpoint, which trains

@@ -22,7 +22,7 @@ from jobs.errors import BrokerUnavailable, new_reference
 from jobs.execution import LeaseLost
 from jobs.queue import make_celery
 from jobs.settings import Settings
-from jobs.states import CANCELLING
+from jobs.states import CANCELLING, PAUSING
 from jobs.storage import ArtifactStore, disk_full_error
 
 log = logging.getLogger("workers")
@@ -119,6 +119,7 @@ class LeaseKeeper:
         self.renew = renew
         self.what = what
         self.cancelling = False
+        self.pausing = False
         self.lost = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -134,13 +135,17 @@ class LeaseKeeper:
 
     @property
     def should_stop(self) -> bool:
-        """Stop working on it: it is being cancelled, another worker has it, or this worker is shutting down."""
-        return self.cancelling or self.lost or SHUTTING_DOWN.is_set()
+        """Stop working on it: it is being cancelled or paused, another worker has it, or this worker is shutting
+        down."""
+        return self.cancelling or self.pausing or self.lost or SHUTTING_DOWN.is_set()
 
     def observe(self, status: str) -> None:
         if status == CANCELLING and not self.cancelling:
             log.info("%s: cancellation requested", self.what)
             self.cancelling = True
+        if status == PAUSING and not self.pausing:
+            log.info("%s: pause requested", self.what)
+            self.pausing = True
 
     def check(self) -> None:
         with self._lock:

@@ -12,18 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpt2core import GPT2, Trainer
-from gpt2core.train import latest_checkpoint
+from gpt2core.batch_probe import largest_micro_batch
+from gpt2core.device import default_device
+from gpt2core.stopping import TrainingDiverged
+from gpt2core.train import checkpoint_name, latest_checkpoint
 from jobs import execution
+from jobs.auto import auto_global_batch, cpu_micro_batch_limit, has_auto, resolve_auto
 from jobs.errors import BrokerUnavailable, DomainError
-from jobs.models import File, Job, Model
+from jobs.models import Checkpoint, File, Job, Model
 from jobs.queue import enqueue
-from jobs.readers import HELD_OUT_FRACTION
+from jobs.readers import HELD_OUT_FRACTION, is_jsonl
 from jobs.specs import PERIODIC, FinetuneSpec, TrainSpec, job_spec
 from jobs.storage import disk_full_error
-from jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from jobs.states import CANCELLED, FAILED, PAUSED, QUEUED, SUCCEEDED
 
 from .convert import model_config, new_model, train_config
 from .datasets import prepared
@@ -45,12 +50,23 @@ def total_steps(spec: TrainSpec, train_tokens: int, block_size: int) -> int:
 
 def build_model(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[GPT2, str]:
     """The model to train and the base of its name: a preset or shape from scratch (initial weights drawn from
-    the job's seed), or a registered model."""
+    the job's seed), or a registered model; for method "lora", that model wrapped with peft's LoRA adapters
+    (gpt2core.lora.apply_lora: a PeftModel that forwards GPT2's attributes), drawn from the job's seed. After a
+    restart this runs again, so the Trainer resumes on the same base with fresh adapters and loads the saved ones."""
     if isinstance(spec, FinetuneSpec):
         base = rt.persist(lambda session: session.get(Model, job.base_model_id)) if job.base_model_id else None
         if base is None or not Path(base.storage_path, "config.json").is_file():
             raise JobFailure("model_not_found", f"The base model {spec.model!r} no longer exists.", "model")
-        return GPT2.from_pretrained(base.storage_path), base.name
+        model = GPT2.from_pretrained(base.storage_path)
+        if spec.method.type == "lora":
+            from gpt2core.lora import apply_lora  # peft (and transformers) only for LoRA jobs
+            from jobs.specs import LoraMethod
+
+            from .convert import lora_settings
+
+            assert isinstance(spec.method, LoraMethod) and spec.seed is not None  # seed: drawn at submission
+            return apply_lora(model, lora_settings(spec.method), seed=spec.seed), base.name  # type: ignore[return-value]
+        return model, base.name
     assert spec.seed is not None  # drawn at submission
     name = spec.model if isinstance(spec.model, str) else spec.model.name
     return new_model(model_config(spec.model), spec.seed), name
@@ -61,7 +77,10 @@ def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_nam
     when that registration committed with its files in place, writes nothing again).
 
     Nothing is left behind when it fails (a full disk, the database): the staging folder is removed, and so is
-    the model's folder unless a model row refers to it."""
+    the model's folder unless a model row refers to it. A LoRA model is merged first (in place; training is over):
+    the registered model is a plain GPT-2 checkpoint."""
+    from gpt2core.lora import is_lora, merge_lora
+
     model_id = execution.model_id_for_job(job.id)
     final = rt.artifacts.model_dir(model_id)
     # The database reads and writes below wait out an outage (rt.persist) while this worker's lease is renewed.
@@ -71,6 +90,8 @@ def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_nam
     staging = final.with_name(f".{model_id}.partial")
     try:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_lora(model):
+            model = merge_lora(model)
         model.save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -150,7 +171,12 @@ def run_training(rt: Runtime, job_id: str) -> None:
 
         def end(session: Session) -> bool:
             if reporter is not None:  # what the run could not write during a database outage, and its last progress
-                reporter.store(session, reporter.progress if reporter.progress.get("step") else None)
+                reporter.store(session, reporter.current_progress())
+            if status == PAUSED:
+                assert result is not None
+                execution.pause(session, job_id, rt.worker_id, f"Job paused at step {result['step']}; the checkpoint "
+                                "written there is where it resumes from")
+                return False
             if status == QUEUED:
                 assert result is not None
                 return execution.hand_back(session, job_id, rt.worker_id, f"Worker {rt.worker_id} stopped: "
@@ -181,14 +207,20 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     assert isinstance(spec, TrainSpec) and training_file is not None and spec.seed is not None
     with full_disk_fails_job(lambda: "the tokens of the training data", rt.artifacts.checkpoint_dir(job.id)):
         dataset = prepared(rt, training_file, 0.0 if validation_file else HELD_OUT_FRACTION)
-        val_tokens = prepared(rt, validation_file, 0.0).train if validation_file else dataset.val
+        validation = prepared(rt, validation_file, 0.0) if validation_file else None
+        # the validation tokens and their loss mask (None: every token a target), aligned
+        val_tokens, val_mask = ((validation.train, validation.train_mask) if validation is not None
+                                else (dataset.val, dataset.val_mask))
     model, base_name = build_model(rt, job, spec)
     block_size = model.config.block_size
     if dataset.train.size <= block_size:
         raise JobFailure("invalid_file", f"The training file has {dataset.train.size} training tokens; the model "
                          f"needs more than its block_size ({block_size}).", "training_file")
+    if has_auto(spec.hyperparameters):
+        spec = resolve_auto_hyperparameters(rt, job, spec, training_file, model, int(dataset.train.size))
     steps = total_steps(spec, int(dataset.train.size), block_size)
-    has_val = val_tokens.size > block_size
+    # an evaluation needs a window and a target in it (prompt tokens are not targets)
+    has_val = val_tokens.size > block_size and (val_mask is None or bool(val_mask[1:].any()))
     config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
                           checkpoint_dir=rt.artifacts.checkpoint_dir(job.id))
     reporter = JobReporter(rt, job.id, lease, steps, job.started_at)
@@ -197,28 +229,89 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     if job.attempts == 1:
         for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
             reporter.event(message, level="warning")
-    trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter, retention_policy])
+    trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter, retention_policy],
+                      train_mask=dataset.train_mask, val_mask=val_mask if has_val else None)
     resume_from = latest_checkpoint(config.checkpoint_dir)
     if resume_from is not None:
         trainer.resume(resume_from)
         reporter.event(f"Resumed from the checkpoint at step {trainer.step}")
     else:
-        reporter.event(f"Training {model.num_parameters():,} parameters for {steps} steps on {trainer.device}; "
+        reporter.event(f"Training {trainer.describe_parameters()} for {steps} steps on {trainer.device}; "
                        f"{dataset.train.size:,} training tokens")
     with full_disk_fails_job(lambda: f"the checkpoint at step {trainer.step}", rt.artifacts.checkpoint_dir(job.id)):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingDiverged as exc:
+            reporter.flush()
+            raise diverged(rt, job.id, exc, config.checkpoint_dir) from None
     if result.stopped:
         if lease.cancelling or lease.lost:
             return CANCELLED, None, None, reporter
+        if lease.pausing:
+            return PAUSED, {"step": trainer.step}, None, reporter
         reason = f"the worker is shutting down (a checkpoint was saved at step {trainer.step})"
         return QUEUED, {"reason": reason}, None, reporter
     if reporter.val_loss is None and result.val_loss is not None:
         reporter.val_loss = round(result.val_loss, 4)
     reporter.finished(result.steps, result.final_loss)
+    chosen, model_step = model, result.steps
+    if spec.hyperparameters.select_model == "best":
+        best = Path(config.checkpoint_dir, checkpoint_name(result.best_step)) if result.best_step is not None else None
+        if best is not None and (best / "config.json").is_file():
+            chosen, model_step = GPT2.from_pretrained(best), result.best_step
+        else:
+            reporter.event('hyperparameters.select_model "best": no evaluation ran, so the model is the last '
+                           "step's", level="warning")
     with full_disk_fails_job(lambda: "the trained model", rt.artifacts.checkpoint_dir(job.id)):
-        model_id = register_model(rt, job, spec, model, base_name)
-    return SUCCEEDED, {"model": model_id, "steps": result.steps, "train_loss": result.final_loss,
-                       "val_loss": result.val_loss}, None, reporter
+        model_id = register_model(rt, job, spec, chosen, base_name)
+    return SUCCEEDED, {"model": model_id, "model_step": model_step, "stop_reason": result.stop_reason,
+                       "steps": result.steps, "train_loss": result.final_loss, "val_loss": result.val_loss,
+                       "best_step": result.best_step, "best_val_loss": result.best_val_loss}, None, reporter
+
+
+def diverged(rt: Runtime, job_id: str, exc: TrainingDiverged, checkpoint_dir: Path) -> JobFailure:
+    """The job's training_diverged failure: the step, what the loss did, the last good checkpoint (none is
+    written while the loss is flagged) and what to try."""
+    latest = latest_checkpoint(checkpoint_dir)
+    kept = "No checkpoint was written before it."
+    if latest is not None:
+        step = int(latest.name.removeprefix("step-"))
+        row = rt.persist(lambda session: session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)).first())
+        registrable = (f" ({row.id}; register it as a model with POST /v1/jobs/{job_id}/checkpoints/{row.id}/model)"
+                       if row is not None else "")
+        kept = f"The last good checkpoint, at step {step}, is kept{registrable}."
+    return JobFailure("training_diverged", f"Training diverged at step {exc.step}: {exc}. {kept} Try a lower "
+                      "learning_rate (a half or a tenth of this one), more warmup_steps, or a larger batch.",
+                      "hyperparameters.learning_rate")
+
+
+def resolve_auto_hyperparameters(rt: Runtime, job: Job, spec: TrainSpec, training_file: File, model: GPT2,
+                                 train_tokens: int) -> TrainSpec:
+    """The spec with its "auto" hyperparameters resolved (jobs.auto) and stored in the job, so the job says what
+    runs and every later attempt reads the same numbers."""
+    hyper = spec.hyperparameters
+    block_size = model.config.block_size
+    jsonl = is_jsonl(training_file.filename)
+    examples = (round(training_file.records * train_tokens / max(training_file.tokens or train_tokens, 1))
+                if jsonl else train_tokens // block_size)
+    method = "train" if not isinstance(spec, FinetuneSpec) else getattr(getattr(spec, "method", None), "type", "full")
+    device = default_device()
+    limit = auto_global_batch(examples)
+    max_micro = (largest_micro_batch(model, block_size, limit, device) if device.type == "cuda"
+                 else cpu_micro_batch_limit(block_size))
+    resolved = resolve_auto(hyper, examples=examples, parameters=model.num_parameters(), method=method,
+                            max_micro_batch=max_micro)
+    values = resolved.model_dump(mode="json")
+    described = ", ".join(f"{name} {values[name]:g}" for name in resolved.auto)
+    if "batch_size" in resolved.auto:
+        windows = resolved.batch_size * resolved.grad_accum_steps
+        described += (f" (x grad_accum_steps {resolved.grad_accum_steps}: {windows} window{'s' * (windows != 1)} "
+                      "per step)")
+    rt.persist(lambda session: execution.store_hyperparameters(
+        session, job.id, rt.worker_id, values, f"Resolved the \"auto\" hyperparameters for {examples:,} examples, "
+        f"{model.num_parameters():,} parameters on {device.type}: {described}"))
+    return spec.model_copy(update={"hyperparameters": resolved})
 
 
 def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int, block_size: int) -> list[str]:

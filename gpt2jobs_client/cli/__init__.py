@@ -5,7 +5,8 @@
     gpt2jobs jobs list --json
 
 Exit codes: 0 success (a waited-for job succeeded); 1 an API error, or a job that failed; 2 no answer from the API
-(or a bad command line); 3 a job that was cancelled.
+(or a bad command line); 3 a job that was cancelled; 4 a waited-for job that is paused (it will not finish until it
+is resumed: `gpt2jobs jobs resume JOB_ID`).
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ import click
 from ..client import Client
 from ..errors import APIConnectionError, APIError
 
-EXIT_OK, EXIT_FAILED, EXIT_NO_ANSWER, EXIT_CANCELLED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_NO_ANSWER, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 2, 3, 4
 
 EPILOG = """\b
 Exit codes:
   0  success (with --wait or watch: the job succeeded)
   1  the API answered with an error (its message is printed), or the job failed
   2  no answer from the API (or a bad command line)
-  3  the job was cancelled"""
+  3  the job was cancelled
+  4  (with --wait or watch) the job is paused: it waits for `jobs resume`"""
 
 
 class State:
@@ -87,6 +89,26 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class OrAuto(click.ParamType):
+    """The word "auto" (the server's worker picks the value: a hyperparameter that accepts "auto"), or a value of
+    `inner` (FiniteFloat(), click.IntRange(min=1), ...)."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = f"{inner.name}|auto"
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return "[NUMBER|auto]" if isinstance(self.inner, (FiniteFloat, click.FloatRange)) else "[INTEGER|auto]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return self.inner.convert(value, param, ctx)
+        except click.BadParameter as error:
+            self.fail(f'{error.message} (or "auto")', param, ctx)
+
+
 def json_option(function: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print the API's JSON object (a JSON line per item for lists).")(function)
 
@@ -118,6 +140,17 @@ def show_all(items: Iterable[Any], as_json: bool, rows: Callable[[list[Any]], No
         emit_all(item.raw for item in items)
     else:
         rows(list(items))
+
+
+def size(count: int | None) -> str | None:
+    """Bytes as "466.3 kB" (powers of 1000, as the README and the dashboard write sizes)."""
+    if count is None:
+        return None
+    value, units = float(count), ["B", "kB", "MB", "GB", "TB"]
+    unit = 0
+    while value >= 1000 and unit < len(units) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{count} B" if unit == 0 else f"{value:.1f} {units[unit]}"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -1,4 +1,5 @@
-"""`gpt2jobs jobs ...`: create (train, finetune, generate), list, get, cancel, events, results, watch."""
+"""`gpt2jobs jobs ...`: create (train, finetune, generate), list, get, cancel, pause, resume, events, checkpoints,
+register-checkpoint, results, watch."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from typing import Any
 
 import click
 
-from ..types import Job
-from . import FiniteFloat, cli, emit, json_option, show, show_all, state, table
+from ..types import Checkpoint, Job
+from . import FiniteFloat, OrAuto, cli, emit, json_option, show, show_all, size, state, table
 from .progress import follow
 
 
@@ -43,7 +44,7 @@ def finish(ctx: click.Context, job: Job, as_json: bool, wait: bool) -> None:
 
 @cli.group()
 def jobs() -> None:
-    """Create, list, show, cancel and follow jobs."""
+    """Create, list, show, cancel, pause, resume and follow jobs; their checkpoints."""
 
 
 @jobs.group("create")
@@ -56,12 +57,20 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--training-file", required=True, help="A file id with purpose train."),
         click.option("--validation-file", help="A file id with purpose train."),
         click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (not with --epochs)."),
-        click.option("--epochs", type=FiniteFloat(), help="Passes over the data (not with --max-steps)."),
-        click.option("--batch-size", type=click.IntRange(min=1)),
-        click.option("--learning-rate", type=FiniteFloat()),
+        click.option("--epochs", type=OrAuto(FiniteFloat()),
+                     help='Passes over the data (not with --max-steps); "auto": from the dataset\'s size.'),
+        click.option("--batch-size", type=OrAuto(click.IntRange(min=1)),
+                     help='Windows per micro-batch; "auto": the worker picks it (and the gradient accumulation).'),
+        click.option("--learning-rate", type=OrAuto(FiniteFloat()),
+                     help='Peak learning rate; "auto": by method and model size.'),
+        click.option("--eval-every", type=click.IntRange(min=0), help="Steps between evaluations (0: never)."),
+        click.option("--early-stopping-patience", type=click.IntRange(min=0),
+                     help="Stop after this many evaluations in a row without a lower validation loss (0: never)."),
+        click.option("--select-model", type=click.Choice(["last", "best"]),
+                     help="The model the job registers: the last step's, or the best validation loss's checkpoint."),
         click.option("--suffix", help="Appended to the output model's name."),
         click.option("--seed", type=click.IntRange(min=0)),
-        click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished."),
+        click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished (or is paused)."),
         json_option,
         click.pass_context,
     ]
@@ -70,18 +79,23 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
-def submit_training(ctx: click.Context, kind: str, model: Any, options: dict[str, Any]) -> None:
+def submit_training(ctx: click.Context, kind: str, model: Any, options: dict[str, Any],
+                    method: dict[str, Any] | None = None) -> None:
     if options["max_steps"] is not None and options["epochs"] is not None:
         raise click.UsageError("--max-steps and --epochs are mutually exclusive")
     hyperparameters = {key: value for key, value in {
         "max_steps": options["max_steps"], "n_epochs": options["epochs"], "batch_size": options["batch_size"],
-        "learning_rate": options["learning_rate"]}.items() if value is not None}
+        "learning_rate": options["learning_rate"], "eval_every": options["eval_every"],
+        "early_stopping_patience": options["early_stopping_patience"],
+        "select_model": options["select_model"]}.items() if value is not None}
     body: dict[str, Any] = {"type": kind, "training_file": options["training_file"], "hyperparameters": hyperparameters}
     for key in ("validation_file", "suffix", "seed"):
         if options[key] is not None:
             body[key] = options[key]
     if model is not None:
         body["model"] = model
+    if method is not None:
+        body["method"] = method
     job = state(ctx).client.jobs.create(body)
     finish(ctx, job, options["as_json"], options["wait"])
 
@@ -109,10 +123,22 @@ def create_train(ctx: click.Context, model: str | None, **options: Any) -> None:
 
 @create.command("finetune")
 @click.option("--model", required=True, help="The id of the model to start from.")
+@click.option("--lora-rank", type=click.IntRange(1, 256),
+              help="Fine-tune with LoRA adapters of this rank (method lora) instead of every weight (method full).")
+@click.option("--lora-alpha", type=FiniteFloat(), help="LoRA's alpha (the adapters' update is scaled by alpha / "
+              "rank; default 16). Needs --lora-rank.")
 @training_options
-def create_finetune(ctx: click.Context, model: str, **options: Any) -> None:
-    """Fine-tune a registered model."""
-    submit_training(ctx, "finetune", model, options)
+def create_finetune(ctx: click.Context, model: str, lora_rank: int | None, lora_alpha: float | None,
+                    **options: Any) -> None:
+    """Fine-tune a registered model (every weight, or LoRA adapters with --lora-rank)."""
+    method: dict[str, Any] | None = None
+    if lora_rank is not None:
+        method = {"type": "lora", "rank": lora_rank}
+        if lora_alpha is not None:
+            method["alpha"] = lora_alpha
+    elif lora_alpha is not None:
+        raise click.UsageError("--lora-alpha needs --lora-rank")
+    submit_training(ctx, "finetune", model, options, method)
 
 
 @create.command("generate")
@@ -125,7 +151,7 @@ def create_finetune(ctx: click.Context, model: str, **options: Any) -> None:
 @click.option("--top-p", type=FiniteFloat())
 @click.option("--n", type=click.IntRange(min=1), help="Completions per prompt.")
 @click.option("--seed", type=click.IntRange(min=0))
-@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished.")
+@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished (or is paused).")
 @json_option
 @click.pass_context
 def create_generate(ctx: click.Context, model: str, input_file: str | None, prompts: tuple[str, ...], wait: bool,
@@ -144,7 +170,8 @@ def create_generate(ctx: click.Context, model: str, input_file: str | None, prom
 
 @jobs.command("list")
 @click.option("--type", "kind", type=click.Choice(["train", "finetune", "generate"]))
-@click.option("--status", type=click.Choice(["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]))
+@click.option("--status", type=click.Choice(["queued", "running", "pausing", "paused", "cancelling", "succeeded",
+                                             "failed", "cancelled"]))
 @json_option
 @click.pass_context
 def jobs_list(ctx: click.Context, kind: str | None, status: str | None, as_json: bool) -> None:
@@ -166,7 +193,7 @@ def jobs_get(ctx: click.Context, job_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def jobs_cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Cancel a job (a running one becomes `cancelling` until its worker stops)."""
+    """Cancel a job (a running or pausing one becomes `cancelling` until its worker stops)."""
     job = state(ctx).client.jobs.cancel(job_id)
     if as_json:
         emit(job.raw)
@@ -174,9 +201,44 @@ def jobs_cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
         click.echo(f"{job.id} {job.status}")
 
 
+@jobs.command("pause")
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def jobs_pause(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Pause a job: a queued one is paused at once, a running one is `pausing` until its worker has written a
+    checkpoint (or stored the prompts in progress), then `paused`. Resume it with `jobs resume`."""
+    job = state(ctx).client.jobs.pause(job_id)
+    if as_json:
+        emit(job.raw)
+    else:
+        click.echo(f"{job.id} {job.status}")
+
+
+@jobs.command("resume")
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished (or is paused "
+              "again).")
+@json_option
+@click.pass_context
+def jobs_resume(ctx: click.Context, job_id: str, wait: bool, as_json: bool) -> None:
+    """Resume a paused job: queued again, it continues from its checkpoint (or with the prompts not done yet)."""
+    job = state(ctx).client.jobs.resume(job_id)
+    if not as_json:
+        click.echo(f"{job.id} {job.status}")
+    if not wait:
+        if as_json:
+            emit(job.raw)
+        return
+    done, code = follow(state(ctx).client, job.id, live=state(ctx).progress)
+    if as_json:
+        emit(done.raw)
+    ctx.exit(code)
+
+
 @jobs.command("events")
 @click.argument("job_id")
-@click.option("--follow", is_flag=True, help="Keep printing new events until the job has finished.")
+@click.option("--follow", is_flag=True, help="Keep printing new events until the job has finished or is paused.")
 @json_option
 @click.pass_context
 def jobs_events(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> None:
@@ -186,6 +248,43 @@ def jobs_events(ctx: click.Context, job_id: str, follow: bool, as_json: bool) ->
             emit(event.raw)
         else:
             click.echo(f"{event.id:>6} {event.level:<7} {event.type:<10} {event.message}")
+
+
+def metric(value: float | None, form: str = "{:.4f}") -> str | None:
+    return None if value is None else form.format(value)
+
+
+def checkpoint_rows(items: list[Checkpoint]) -> None:
+    table(["id", "step", "train loss", "val loss", "perplexity", "accuracy", "size"],
+          [[c.id, c.step, metric(c.train_loss), metric(c.val_loss), metric(c.val_perplexity, "{:.2f}"),
+            metric(c.val_accuracy, "{:.2%}"), size(c.bytes)] for c in items])
+
+
+@jobs.command("checkpoints")
+@click.argument("job_id")
+@json_option
+@click.pass_context
+def jobs_checkpoints(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """List a training job's checkpoints, by step: training loss and, at evaluation steps, validation loss,
+    perplexity and token accuracy (- where the step had no evaluation)."""
+    show_all(state(ctx).client.jobs.checkpoints(job_id), as_json, checkpoint_rows)
+
+
+@jobs.command("register-checkpoint")
+@click.argument("job_id")
+@click.argument("checkpoint_id")
+@click.option("--name", help='The model\'s name (default: the job\'s model name with "@step-<step>").')
+@json_option
+@click.pass_context
+def jobs_register_checkpoint(ctx: click.Context, job_id: str, checkpoint_id: str, name: str | None,
+                             as_json: bool) -> None:
+    """Register one of a job's checkpoints as a model (whatever the job's status); print the model's id. The same
+    checkpoint registered again gives the model it made the first time."""
+    model = state(ctx).client.jobs.register_checkpoint(job_id, checkpoint_id, name=name)
+    if as_json:
+        emit(model.raw)
+    else:
+        click.echo(model.id)
 
 
 @jobs.command("results")
@@ -223,7 +322,8 @@ def jobs_results(ctx: click.Context, job_id: str, output: Path | None, as_json: 
 @json_option
 @click.pass_context
 def jobs_watch(ctx: click.Context, job_id: str, as_json: bool) -> None:
-    """Follow a job with a progress bar until it has finished; exit 0 succeeded, 1 failed, 3 cancelled."""
+    """Follow a job with a progress bar until it has finished or is paused; exit 0 succeeded, 1 failed,
+    3 cancelled, 4 paused (it waits for `jobs resume`)."""
     done, code = follow(state(ctx).client, job_id, live=state(ctx).progress)
     if as_json:
         emit(done.raw)

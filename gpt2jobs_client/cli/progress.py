@@ -1,4 +1,5 @@
-"""Following a job to its end: a live rich progress bar on a terminal, else a plain line per change; the exit code."""
+"""Following a job to its end (or until it is paused): a live rich progress bar on a terminal, else a plain line per
+change; the exit code."""
 from __future__ import annotations
 
 import time
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from ..client import Client
 from ..jobs import MAX_EVENT_ID
 from ..types import Event, Job
-from . import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
+from . import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_PAUSED
 
 #: Weight of the newest rate in the moving average of seconds per step (or per prompt).
 SMOOTHING = 0.3
@@ -52,7 +53,7 @@ class Tracker:
             self.per_unit = rate if self.per_unit is None else SMOOTHING * rate + (1 - SMOOTHING) * self.per_unit
         if self.last is None or done != self.last[1]:
             self.last = (now, done)
-        if job.is_terminal or total is None or self.per_unit is None:
+        if job.is_settled or total is None or self.per_unit is None:
             return None
         return max(total - done, 0) * self.per_unit
 
@@ -65,7 +66,7 @@ class Tracker:
         else:
             details = (f"loss {number(p.get('loss'))} val_loss {number(p.get('val_loss'))} "
                        f"{number(p.get('tokens_per_second'), '{:.0f}')} tok/s")
-        if not job.is_terminal:
+        if not job.is_settled:
             details += f" eta {duration(eta)}"
         return done, total, details
 
@@ -76,7 +77,7 @@ def line(job: Job, done: int, total: int | None, details: str) -> str:
 
 
 def report_end(job: Job) -> int:
-    """Say how the job ended; its exit code."""
+    """Say how the job ended (or that it is paused); its exit code."""
     if job.status == "succeeded":
         made = f": model {job.output_model}" if job.output_model else ""
         click.echo(f"{job.id} succeeded{made}", err=True)
@@ -85,6 +86,13 @@ def report_end(job: Job) -> int:
     if job.status == "cancelled":
         click.echo(f"{job.id} cancelled", err=True)
         return EXIT_CANCELLED
+    if job.is_paused:
+        done, total = Tracker().counts(job)
+        where = f"{done}/{total if total is not None else '?'}"
+        where = f"with {where} prompts done" if job.type == "generate" else f"at step {where}"
+        click.echo(f"{job.id} paused {where}; it continues from there once resumed: gpt2jobs jobs resume {job.id}",
+                   err=True)
+        return EXIT_PAUSED
     click.echo(f"error: job {job.id} failed: {error.get('code', 'unknown')}: {error.get('message', '(no message)')}", err=True)
     return EXIT_FAILED
 
@@ -98,9 +106,10 @@ def event_line(event: Event) -> str | None:
 
 def follow(client: Client, job_id: str, live: bool = True, events: bool = False,
            poll_interval: float = POLL_INTERVAL) -> tuple[Job, int]:
-    """Follow the job to its end (the API's live event stream), showing its progress on stderr and, with
-    `events`, its messages and evaluations above it; the finished job and its exit code. The live bar needs `live`
-    and a terminal; otherwise a plain line is printed per change."""
+    """Follow the job to its end (the API's live event stream), or until it is paused (a paused job does not go on
+    by itself), showing its progress on stderr and, with `events`, its messages and evaluations above it; the
+    finished (or paused) job and its exit code. The live bar needs `live` and a terminal; otherwise a plain line is
+    printed per change."""
     console = Console(stderr=True)
     tracker = Tracker()
     bar: Progress | None = None
@@ -125,7 +134,7 @@ def follow(client: Client, job_id: str, live: bool = True, events: bool = False,
                 task = bar.add_task(f"{job.id} {job.status}", total=total, completed=done, details=details)
             else:
                 bar.update(task, description=f"{job.id} {job.status}", total=total, completed=done, details=details)
-            if job.is_terminal:
+            if job.is_settled:
                 break
-    assert job is not None and job.is_terminal
+    assert job is not None and job.is_settled
     return job, report_end(job)

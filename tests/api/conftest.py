@@ -164,11 +164,14 @@ class ApiHelper:
         with self.session() as session:
             return [repository.add_event(session, job_id, message).id for message in messages]
 
-    def add_checkpoints(self, job_id: str, steps) -> None:
+    def add_checkpoints(self, job_id: str, steps) -> list[str]:
+        """Checkpoint rows (their files do not exist); returns their ids."""
         with self.session() as session:
-            for step in steps:
-                session.add(Checkpoint(job_id=job_id, step=step, train_loss=10.0 / step, val_loss=None,
-                                       storage_path=f"/checkpoints/{job_id}/{step}", bytes=1000 + step))
+            rows = [Checkpoint(job_id=job_id, step=step, train_loss=10.0 / step, val_loss=None,
+                               storage_path=f"/checkpoints/{job_id}/{step}", bytes=1000 + step) for step in steps]
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
 
     def add_metrics(self, job_id: str, steps) -> list[dict]:
         """Per-step training metric rows as a worker writes them (val_loss on every third step); returns them."""

@@ -9,7 +9,8 @@ from tests.api.conftest import ApiHelper
 DEFAULT_HYPERPARAMETERS = {
     "max_steps": 1000, "n_epochs": None, "batch_size": 8, "grad_accum_steps": 1, "learning_rate": 6e-4,
     "warmup_steps": 100, "weight_decay": 0.1, "eval_every": 100, "checkpoint_every": 500, "sample_every": 0,
-    "keep_checkpoints": 3,
+    "keep_checkpoints": 3, "early_stopping_patience": 0, "select_model": "last", "divergence_threshold": 2.0,
+    "divergence_patience": 5, "auto": [],
 }
 DEFAULT_SAMPLING = {"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
                     "stop": [], "n": 1}
@@ -68,8 +69,9 @@ def test_train_job_keeps_what_was_given(helper, auth, refs):
     job = helper.submit_job(auth, body)
     assert job["seed"] == 7 and job["validation_file"] == validation and job["suffix"] == "tiny-1"
     assert job["model"] == {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 1024}
+    # warmup_steps null: a tenth of the run's steps (at most 100), once the worker knows its length
     assert job["hyperparameters"] == {**DEFAULT_HYPERPARAMETERS, "max_steps": None, "n_epochs": 2.5,
-                                      "learning_rate": 0.001}
+                                      "learning_rate": 0.001, "warmup_steps": None}
     assert job["metadata"] == {"team": "nlp"}
 
 

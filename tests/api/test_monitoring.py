@@ -85,7 +85,7 @@ def test_job_series_equal_what_the_database_holds(helper, jobs_in_every_state):
         usages = session.scalars(select(GenerationResult.usage)).all()
     gauge = by_labels(families["gpt2jobs_jobs"], "gpt2jobs_jobs", "type", "status")
     assert {key: value for key, value in gauge.items() if value} == {key: float(n) for key, n in counted.items()}
-    assert len(gauge) == 3 * 6  # every type and status, 0 where there is none
+    assert len(gauge) == 3 * 8  # every type and status, 0 where there is none
     assert families["gpt2jobs_database_up"][0].value == 1.0
 
     started = [j for j in jobs if j.started_at is not None]

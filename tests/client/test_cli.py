@@ -113,6 +113,8 @@ def test_errors_print_the_api_message_and_exit_non_zero(env: dict[str, str]):
     ["jobs", "create", "train", "--training-file", "file-x", "--max-steps", "2", "--model", '{"n_layer": NaN}'],
     ["jobs", "create", "generate", "--model", "model-x", "--prompt", "Hi", "--temperature", "inf"],
     ["jobs", "create", "generate", "--model", "model-x", "--prompt", "Hi", "--top-p", "nan"],
+    ["jobs", "create", "train", "--training-file", "file-x", "--max-steps", "2", "--batch-size", "lots"],
+    ["jobs", "create", "train", "--training-file", "file-x", "--epochs", "inf"],
 ])
 def test_numbers_json_cannot_carry_are_a_usage_error_not_a_traceback(env: dict[str, str], args: list[str]):
     done = gpt2jobs(env, *args)
@@ -155,3 +157,72 @@ def test_cancel_a_running_job_then_watch_exits_3(env: dict[str, str], tmp_path: 
     watched = gpt2jobs(env, "jobs", "watch", job_id, "--json")
     assert watched.returncode == 3, watched.stderr
     assert json.loads(watched.stdout)["status"] == "cancelled" and f"{job_id} cancelled" in watched.stderr
+
+
+def running(env: dict[str, str], job_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := json.loads(ok(env, "jobs", "get", job_id, "--json"))["status"]) == "queued":
+        assert time.monotonic() < deadline, f"{job_id} never started"
+        time.sleep(0.3)
+    assert status == "running", status
+
+
+def test_pause_resume_checkpoints_and_register_exit_4_while_paused(env: dict[str, str], tmp_path: Path):
+    file_id = upload(env, corpus_file(tmp_path))
+    train = ["jobs", "create", "train", "--training-file", file_id, "--model", TINY_MODEL, "--batch-size", "1"]
+    # The stack's one worker (concurrency 1) trains `busy`, so the jobs submitted next stay queued.
+    busy = ok(env, *train, "--max-steps", "100000", "--eval-every", "0").split()[0]
+    running(env, busy)
+    queued = ok(env, *train, "--max-steps", "3", "--eval-every", "0").split()[0]
+
+    assert ok(env, "jobs", "pause", queued).split() == [queued, "paused"]
+    watched = gpt2jobs(env, "jobs", "watch", queued, "--json")
+    assert watched.returncode == 4, watched.stderr
+    assert json.loads(watched.stdout)["status"] == "paused"
+    assert f"{queued} paused at step 0/3" in watched.stderr and f"gpt2jobs jobs resume {queued}" in watched.stderr
+    assert [j["id"] for j in lines(ok(env, "jobs", "list", "--status", "paused", "--json"))] == [queued]
+    assert json.loads(ok(env, "jobs", "resume", queued, "--json"))["status"] == "queued"
+    again = gpt2jobs(env, "jobs", "resume", queued)
+    assert again.returncode == 1 and again.stdout == "" and "[409 conflict]" in again.stderr, again.stderr
+
+    # The new hyperparameter options, as the API stores them (submitted, then cancelled while queued).
+    auto = json.loads(ok(env, *train[:-2], "--batch-size", "auto", "--learning-rate", "auto", "--epochs", "auto",
+                         "--eval-every", "5", "--early-stopping-patience", "2", "--select-model", "best", "--json"))
+    hyperparameters = auto["hyperparameters"]
+    assert (hyperparameters["batch_size"], hyperparameters["learning_rate"], hyperparameters["n_epochs"]) == ("auto",) * 3
+    assert (hyperparameters["eval_every"], hyperparameters["early_stopping_patience"], hyperparameters["select_model"]) == (5, 2, "best")
+    assert json.loads(ok(env, "jobs", "cancel", auto["id"], "--json"))["status"] == "cancelled"
+
+    # A running job is pausing until its worker has written a checkpoint; watch exits 4 once it is paused.
+    assert ok(env, "jobs", "pause", busy).split()[1] in ("pausing", "paused")
+    watched = gpt2jobs(env, "jobs", "watch", busy)
+    assert watched.returncode == 4 and f"{busy} paused at step " in watched.stderr, watched.stderr
+    checkpoints = lines(ok(env, "jobs", "checkpoints", busy, "--json"))
+    assert checkpoints and all(c["object"] == "job.checkpoint" and "val_accuracy" in c for c in checkpoints)
+    shown = ok(env, "jobs", "checkpoints", busy).splitlines()
+    assert shown[0].split() == ["ID", "STEP", "TRAIN", "LOSS", "VAL", "LOSS", "PERPLEXITY", "ACCURACY", "SIZE"]
+    last = checkpoints[-1]
+    assert len(shown) == len(checkpoints) + 1 and shown[-1].split()[:2] == [last["id"], str(last["step"])]
+
+    model_id = ok(env, "jobs", "register-checkpoint", busy, last["id"], "--name", "cli-paused").strip()
+    model = json.loads(ok(env, "models", "get", model_id, "--json"))
+    assert (model["source"], model["job_id"], model["checkpoint_step"], model["name"]) == (
+        "checkpoint", busy, last["step"], "cli-paused")
+    assert json.loads(ok(env, "jobs", "register-checkpoint", busy, last["id"], "--json"))["id"] == model_id
+    gone = gpt2jobs(env, "jobs", "register-checkpoint", busy, "ckpt-0123456789abcdef01234567")
+    assert gone.returncode == 1 and "404 not_found" in gone.stderr
+
+    # LoRA fine-tuning of the registered model (submitted, then cancelled); --lora-alpha alone is a usage error.
+    lora = json.loads(ok(env, "jobs", "create", "finetune", "--model", model_id, "--training-file", file_id,
+                         "--max-steps", "2", "--lora-rank", "4", "--lora-alpha", "8", "--json"))
+    assert lora["method"]["type"] == "lora" and (lora["method"]["rank"], lora["method"]["alpha"]) == (4, 8)
+    ok(env, "jobs", "cancel", lora["id"])
+    alone = gpt2jobs(env, "jobs", "create", "finetune", "--model", model_id, "--training-file", file_id, "--lora-alpha", "8")
+    assert alone.returncode == 2 and "--lora-alpha needs --lora-rank" in alone.stderr
+
+    # With the worker free, the resumed job runs to its end; a paused job is cancelled at once.
+    finished = gpt2jobs(env, "jobs", "watch", queued)
+    assert finished.returncode == 0, finished.stderr
+    assert ok(env, "jobs", "cancel", busy).split() == [busy, "cancelled"]
+    refused = gpt2jobs(env, "jobs", "pause", busy)
+    assert refused.returncode == 1 and "[409 conflict]" in refused.stderr

@@ -3,6 +3,7 @@ filesystem broker), started once for the module (tests/client/conftest.py)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -71,9 +72,13 @@ def test_train_wait_model_round_trip_and_generate(client: Client, tmp_path: Path
     assert [e.id for e in client.jobs.events(job.id, follow=True, poll_interval=0.1)] == [e.id for e in events]
     checkpoints = client.jobs.checkpoints(job.id)
     assert all(isinstance(c, Checkpoint) for c in checkpoints) and [c.step for c in checkpoints] == [5, 10]
+    for c in checkpoints:  # evaluation steps (eval_every 5, on the held-out share of the training file)
+        assert c.val_loss is not None and c.val_perplexity == pytest.approx(math.exp(c.val_loss))
+        assert c.val_accuracy is not None and 0 <= c.val_accuracy <= 1
+        assert (c.val_perplexity, c.val_accuracy) == (c.raw["val_perplexity"], c.raw["val_accuracy"])
 
     model = client.models.get(done.output_model)
-    assert isinstance(model, Model) and model.source == "job" and model.job_id == job.id
+    assert isinstance(model, Model) and model.source == "job" and model.job_id == job.id and model.checkpoint_step is None
     archive = client.models.download(model.id, tmp_path)
     assert archive == tmp_path / f"{model.id}.tar.gz"
     with tarfile.open(archive) as tar:
@@ -180,3 +185,84 @@ def test_importing_the_client_does_not_import_torch_or_the_server():
             "print(sorted(m for m in ('torch', 'flask', 'sqlalchemy', 'celery', 'jobs', 'api') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().replace("'", '"')) == []
+
+
+def started(client: Client, job_id: str, timeout: float = 120) -> Job:
+    """The job once a worker has taken it."""
+    deadline = time.monotonic() + timeout
+    while (job := client.jobs.get(job_id)).status == "queued":
+        assert time.monotonic() < deadline, f"{job_id} never started"
+        time.sleep(0.2)
+    assert job.status == "running", (job.status, job.error)
+    return job
+
+
+def test_pause_resume_wait_and_register_a_checkpoint_as_a_model(client: Client, tmp_path: Path):
+    file_id = client.files.upload(corpus_file(tmp_path), "train").id
+    # The stack's one worker (concurrency 1) trains this one, so the next job stays queued.
+    busy = client.jobs.create(type="train", training_file=file_id, model=TINY_MODEL,
+                              hyperparameters={"max_steps": 100_000, "batch_size": 1, "eval_every": 0})
+    queued = None
+    try:
+        started(client, busy.id)
+        queued = client.jobs.create(type="train", training_file=file_id, model=TINY_MODEL,
+                                    hyperparameters={"max_steps": 3, "batch_size": 1, "eval_every": 0})
+
+        # A queued job is paused at once; pausing again changes nothing.
+        paused = client.jobs.pause(queued.id)
+        assert isinstance(paused, Job) and paused.id == queued.id and paused.status == "paused"
+        assert paused.is_paused and paused.is_settled and not paused.is_terminal
+        assert client.jobs.pause(queued.id).status == "paused"
+        assert [j.id for j in client.jobs.list(status="paused")] == [queued.id]
+
+        # Followers return at a pause (a paused job does not go on by itself), unless told to wait through it.
+        assert client.jobs.wait(queued.id).status == "paused"
+        assert client.jobs.wait(queued.id, timeout=10, poll_interval=0.1).status == "paused"
+        followed = list(client.jobs.stream(queued.id, poll_interval=0.1))
+        assert isinstance(followed[-1], Job) and followed[-1].status == "paused"
+        assert any(isinstance(e, Event) and "paused" in e.message for e in followed)
+        assert [e.id for e in client.jobs.events(queued.id, follow=True)] == [e.id for e in client.jobs.events(queued.id)]
+        with pytest.raises(TimeoutError):
+            client.jobs.wait(queued.id, timeout=0.5, poll_interval=0.1, stop_on_pause=False)
+
+        # Only a paused job can be resumed: 409, raised as ConflictError.
+        with pytest.raises(ConflictError) as refused:
+            client.jobs.resume(busy.id)
+        assert (refused.value.status, refused.value.code) == (409, "conflict") and busy.id in refused.value.message
+        resumed = client.jobs.resume(queued.id)
+        assert resumed.status == "queued" and not resumed.is_settled
+        with pytest.raises(ConflictError):
+            client.jobs.resume(queued.id)
+
+        # A running job is pausing until its worker has written a checkpoint, then paused.
+        assert client.jobs.pause(busy.id).status in ("pausing", "paused")
+        stopped = client.jobs.wait(busy.id)
+        assert stopped.status == "paused" and stopped.is_settled, stopped.error
+        checkpoints = client.jobs.checkpoints(busy.id)
+        assert checkpoints and all(isinstance(c, Checkpoint) for c in checkpoints)
+        last = checkpoints[-1]
+        assert last.step >= 1 and last.val_loss is None and last.val_perplexity is None and last.val_accuracy is None
+        assert any(f"paused at step {last.step}" in e.message for e in client.jobs.events(busy.id))
+
+        # Any checkpoint can become a model, whatever the job's status; registering it again gives the same one.
+        model = client.jobs.register_checkpoint(busy.id, last.id, name="paused-run")
+        assert isinstance(model, Model) and (model.source, model.job_id, model.name) == ("checkpoint", busy.id, "paused-run")
+        assert model.checkpoint_step == last.step == model.raw["checkpoint_step"]
+        assert client.jobs.register_checkpoint(busy.id, last.id) == model
+        assert client.models.get(model.id) == model
+        with pytest.raises(NotFoundError):
+            client.jobs.register_checkpoint(busy.id, "ckpt-0123456789abcdef01234567")
+
+        # The worker is free: the resumed job runs to its end, and the registered model generates.
+        assert client.jobs.wait(queued.id, timeout=120, poll_interval=0.2).status == "succeeded"
+        generate = client.jobs.create(type="generate", model=model.id, prompts=["Hi"], sampling={"max_new_tokens": 2})
+        assert client.jobs.wait(generate.id, timeout=120, poll_interval=0.2).status == "succeeded"
+
+        # A paused job is cancelled at once; a cancelled one cannot be paused.
+        assert client.jobs.cancel(busy.id).status == "cancelled"
+        with pytest.raises(ConflictError):
+            client.jobs.pause(busy.id)
+    finally:
+        for job in (busy, queued):
+            if job is not None:
+                cancel(client, job.id)

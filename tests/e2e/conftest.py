@@ -100,7 +100,7 @@ class Stack:
 
 
 @contextmanager
-def module_stack(tmp_path_factory, name: str) -> Iterator[Stack]:
+def module_stack(tmp_path_factory, name: str, environment: dict[str, str] | None = None) -> Iterator[Stack]:
     """A stack for a whole test module: gunicorn and a celery worker on the embedded default (SQLite and the
     filesystem broker), stopped at the end; a process that died on its own has its output printed."""
     started: list[ServiceProcess] = []
@@ -110,7 +110,7 @@ def module_stack(tmp_path_factory, name: str) -> Iterator[Stack]:
         return started[-1]
 
     var = tmp_path_factory.mktemp(name) / "var"
-    platform = Stack(launch, {"GPT2JOBS_VAR_DIR": str(var), "JOB_LEASE_SECONDS": LEASE_SECONDS})
+    platform = Stack(launch, {"GPT2JOBS_VAR_DIR": str(var), "JOB_LEASE_SECONDS": LEASE_SECONDS, **(environment or {})})
     try:
         platform.migrate()
         platform.start_api()

@@ -12,7 +12,7 @@ from jobs.models import Base
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
           "generation_shards", "job_metrics"}
-REVISIONS = ["0001", "0002", "0003", "0004", "0005"]  # base to head, one line of history
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006"]  # base to head, one line of history
 
 
 def test_upgrade_head_creates_every_table(engine):

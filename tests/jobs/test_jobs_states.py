@@ -18,6 +18,14 @@ EXPECTED = {
     ("cancelling", "cancelled"),
     ("cancelling", "succeeded"),
     ("cancelling", "failed"),
+    ("queued", "paused"),
+    ("running", "pausing"),
+    ("pausing", "paused"),
+    ("pausing", "cancelling"),
+    ("pausing", "succeeded"),
+    ("pausing", "failed"),
+    ("paused", "queued"),
+    ("paused", "cancelled"),
 }
 
 

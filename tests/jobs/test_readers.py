@@ -184,6 +184,7 @@ def test_property_generation_file_accepted_iff_every_line_reads(content):
 
 training_lines = st.lists(st.one_of(
     hostile_text.map(lambda t: json.dumps({"text": t}).encode()),
+    st.tuples(hostile_text, hostile_text).map(lambda pc: json.dumps({"prompt": pc[0], "completion": pc[1]}).encode()),
     hostile_text.map(lambda t: json.dumps({"text": t}, ensure_ascii=False).encode("utf-8", "surrogatepass")),
     st.lists(pieces, max_size=3).map(b"".join),
 ), min_size=1, max_size=5).map(lambda lines: b"\n".join(lines))
@@ -231,3 +232,40 @@ def test_duplicate_keys_are_refused(content, filename, check_fn):
     """Which of two equal keys wins is not defined by JSON: refused, naming the key, rather than guessed."""
     with pytest.raises(FileRejected, match="line 1: key '(custom_id|n|text)' appears twice"):
         check(check_fn, content, filename)
+
+
+def test_prompt_completion_file_counts_records_and_tokens_as_training_does(tmp_path, tokenizer):
+    """A prompt/completion file (mixed with text lines) counts as many records and tokens at upload as
+    prepare_dataset makes of it: prompt and completion each tokenized alone, plus the end-of-text token; a record
+    with both empty is no document, one with an empty completion is (its EOT is the target)."""
+    records = [{"prompt": "Q: capital of France?\nA:", "completion": " Paris", "source": "quiz"},
+               {"text": "a plain line"}, {"prompt": "The cat", "completion": "s are here"},
+               {"prompt": "Nothing follows:", "completion": ""}, {"prompt": "", "completion": ""}]
+    content = "".join(json.dumps(r) + "\n" for r in records).encode()
+    tokens = sum(len(tokenizer.encode(r.get("prompt", ""))) + len(tokenizer.encode(r.get("completion", r.get("text", ""))))
+                 + 1 for r in records if r.get("text") or r.get("prompt") or r.get("completion"))
+    assert check(check_training_file, content, "pc.jsonl") == 4
+    assert count_training_tokens(io.BytesIO(content), "pc.jsonl") == tokens
+    (tmp_path / "pc.jsonl").write_bytes(content)
+    info = prepare_dataset([tmp_path / "pc.jsonl"], tmp_path / "ds", val_fraction=0.0)
+    assert info.total_tokens == tokens and info.sources[0].documents == 4
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"prompt": "x"}', 'd.jsonl: line 2: has "prompt" but no "completion"'),
+        (b'{"completion": "x"}', 'd.jsonl: line 2: has "completion" but no "prompt"'),
+        (b'{"prompt": ["x"], "completion": "y"}', 'd.jsonl: line 2: "prompt" must be a string, got list'),
+        (b'{"prompt": "x", "completion": 7}', 'd.jsonl: line 2: "completion" must be a string, got int'),
+        (b'{"prompt": "\\ud800", "completion": "y"}', 'd.jsonl: line 2: "prompt" has an unpaired surrogate'),
+        (b'{"text": "t", "prompt": "x", "completion": "y"}', 'd.jsonl: line 2: has both "text" and "prompt"'),
+        (b'{"id": 3}', 'd.jsonl: line 2: JSON object has no "text" field (nor "prompt" and "completion")'),
+        (b'{"prompt": "x", "completion": "y", "prompt": "z"}', "d.jsonl: line 2: key 'prompt' appears twice"),
+    ],
+)
+def test_bad_prompt_completion_lines_are_named(line, message):
+    content = b'{"prompt": "first", "completion": " line"}\n' + line + b"\n"
+    with pytest.raises(FileRejected) as error:
+        check(check_training_file, content, "d.jsonl")
+    assert error.value.line == 2 and error.value.message.startswith(message)

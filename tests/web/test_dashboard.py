@@ -22,6 +22,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.api.test_models import checkpoint, tar_bytes
@@ -418,3 +419,145 @@ def test_unknown_filter_values_are_named_not_silently_dropped(browser: Browser, 
     wait(browser, lambda d: d.current_url == f"{browser.base_url}/jobs?status=failed", "the address kept bad values")
     wait(browser, lambda d: jobs["failed"]["id"] in job_row_ids(browser), "the failed job is not listed")
     assert not driver.find_elements(*by_testid("filter-notice"))
+
+
+# --- pause, resume, and checkpoints registered as models --------------------------------------------------------------
+
+
+def long_train_body(file_id: str, steps: int) -> dict[str, Any]:
+    return {"type": "train", "training_file": file_id, "model": TINY_MODEL,
+            "hyperparameters": {"max_steps": steps, "batch_size": 1, "eval_every": 0}}
+
+
+def badge(browser: Browser, status: str) -> WebElement:
+    selector = f'[data-testid="job-summary"] .badge[data-status="{status}"]'
+    return wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, selector), f"the job page never showed {status}")
+
+
+def buttons_shown(browser: Browser, *testids: str) -> None:
+    """Exactly these of the job's action buttons are shown."""
+    actions = ("pause-job", "resume-job", "cancel-job")
+    wait(browser, lambda d: [t for t in actions if d.find_element(*by_testid(t)).is_displayed()] == list(testids),
+         f"the job page's buttons are not {testids}")
+
+
+def cancel_quietly(api: Api, job_id: str) -> None:
+    api.post(f"/v1/jobs/{job_id}/cancel")  # a 409 (already finished) is fine
+
+
+def test_pause_and_resume_a_queued_job_then_pause_a_running_one(browser: Browser, api: Api, jobs: dict[str, Any]):
+    # The stack's one worker (concurrency 1) trains `busy`, so `queued` stays queued.
+    busy = submit(api, long_train_body(jobs["file"], 100_000))
+    queued = None
+    try:
+        wait_for(api, busy["id"], lambda j: j["status"] == "running", JOB_TIMEOUT)
+        queued = submit(api, long_train_body(jobs["file"], 5))
+        signed_in(browser, api, f"/jobs/{queued['id']}")
+        badge(browser, "queued")
+        buttons_shown(browser, "pause-job", "cancel-job")
+
+        find(browser, "pause-job").click()
+        badge(browser, "paused")
+        buttons_shown(browser, "resume-job", "cancel-job")
+        assert api.get(f"/v1/jobs/{queued['id']}").json()["status"] == "paused"
+        visible_text(browser, "job-events", "Job paused before a worker took it")
+
+        find(browser, "resume-job").click()
+        badge(browser, "queued")
+        buttons_shown(browser, "pause-job", "cancel-job")
+        assert api.get(f"/v1/jobs/{queued['id']}").json()["status"] == "queued"
+        # Followed again after the resume: a change made elsewhere shows without a reload.
+        assert api.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+        badge(browser, "cancelled")
+        buttons_shown(browser)
+
+        # A running job is pausing until its worker has written a checkpoint, then paused: followed live.
+        signed_in(browser, api, f"/jobs/{busy['id']}")
+        badge(browser, "running")
+        buttons_shown(browser, "pause-job", "cancel-job")
+        find(browser, "pause-job").click()
+        badge(browser, "paused")
+        buttons_shown(browser, "resume-job", "cancel-job")
+        paused = api.get(f"/v1/jobs/{busy['id']}").json()
+        assert paused["status"] == "paused"
+        checkpoints = api.get(f"/v1/jobs/{busy['id']}/checkpoints").json()["data"]
+        assert checkpoints, "no checkpoint written at the pause"
+        visible_text(browser, "job-events", f"paused at step {checkpoints[-1]['step']}")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="job-checkpoints"] tbody tr'))
+             == len(checkpoints), "the checkpoint written at the pause is not listed")
+
+        signed_in(browser, api, "/jobs?status=paused")
+        wait(browser, lambda d: job_row_ids(browser) == [busy["id"]], "the paused filter does not list the paused job")
+        assert 'data-status="paused"' in browser.driver.find_element(
+            By.CSS_SELECTOR, f'tr[data-job-id="{busy["id"]}"]').get_attribute("innerHTML")
+
+        # A paused job can be cancelled from its page.
+        signed_in(browser, api, f"/jobs/{busy['id']}")
+        badge(browser, "paused")
+        find(browser, "cancel-job").click()
+        wait(browser, expected_conditions.alert_is_present(), "no confirmation was asked").accept()
+        badge(browser, "cancelled")
+        buttons_shown(browser)
+    finally:
+        for job in (busy, queued):
+            if job is not None:
+                cancel_quietly(api, job["id"])
+
+
+def test_a_checkpoint_row_registers_its_checkpoint_as_a_model(browser: Browser, api: Api, jobs: dict[str, Any]):
+    train = jobs["train"]
+    checkpoints = api.get(f"/v1/jobs/{train['id']}/checkpoints").json()["data"]
+    assert checkpoints and all(c["val_accuracy"] is not None for c in checkpoints)  # eval_every 10, checkpoint_every 10
+    signed_in(browser, api, f"/jobs/{train['id']}")
+    table = find(browser, "job-checkpoints")
+    headers = [th.text for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    assert headers[:7] == ["STEP", "TRAINING LOSS", "VALIDATION LOSS", "PERPLEXITY", "ACCURACY", "SIZE", "SAVED"], headers
+    first = checkpoints[0]
+    row = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-checkpoint-id="{first["id"]}"]'),
+               "the first checkpoint has no row")
+    accuracy = row.find_elements(By.CSS_SELECTOR, "td")[4].text
+    assert accuracy.endswith("%") and abs(float(accuracy.rstrip("%").strip()) - 100 * first["val_accuracy"]) <= 0.051
+    # The result says which step the model is from and why the run stopped.
+    visible_text(browser, "job-result", "max_steps (ran all its steps)")
+
+    row.find_element(*by_testid("register-checkpoint")).click()
+    registered = wait(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f'tr[data-checkpoint-id="{first["id"]}"] [data-testid="registered-model"]'),
+        "the registered model is not shown in the checkpoint's row")
+    model_id = registered.get_attribute("data-model-id")
+    model = api.get(f"/v1/models/{model_id}").json()
+    assert (model["source"], model["job_id"], model["checkpoint_step"]) == ("checkpoint", train["id"], first["step"])
+    assert model_id in registered.text and model["name"] in registered.text
+    # Registering it again (another click after a reload) gives the same model.
+    assert api.post(f"/v1/jobs/{train['id']}/checkpoints/{first['id']}/model").json()["id"] == model_id
+
+    registered.find_element(By.CSS_SELECTOR, "a").click()
+    listed = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-model-id="{model_id}"]'),
+                  "the models page does not list the registered model")
+    assert browser.driver.current_url == browser.base_url + "/models"
+    assert train["id"] in listed.text and f"step {first['step']}" in listed.text
+
+
+def test_auto_hyperparameters_and_a_training_result_read_in_words(browser: Browser, api: Api, jobs: dict[str, Any]):
+    """The job page's pieces on a job that resolved "auto" values and stopped early (made up: such a run takes
+    long on a CPU): the chosen values marked (auto), the model's step and the reason it stopped, and checkpoints
+    of steps without an evaluation."""
+    signed_in(browser, api, "/jobs")
+    shown = in_page(browser, """
+        const { checkpointsTable, parametersTable, resultBox } = await import("/static/dashboard/js/views/job-parts.js");
+        const job = { id: "job-x", type: "train", status: "succeeded", model: "gpt2", seed: 1,
+          hyperparameters: { max_steps: null, n_epochs: 2.5, batch_size: 16, learning_rate: 0.0003,
+                             auto: ["n_epochs", "batch_size"], select_model: "best" },
+          result: { model: "model-x", model_step: 120, stop_reason: "early_stopping", best_step: 120 } };
+        const cells = (el) => Object.fromEntries([...el.querySelectorAll("tr")].map((tr) =>
+          [tr.cells[0].textContent, tr.cells[1].textContent]));
+        const checkpoints = checkpointsTable([{ id: "ckpt-a", step: 7, train_loss: 5.5, val_loss: null,
+          val_perplexity: null, val_accuracy: null, bytes: 1000, created_at: 1 }]);
+        return { parameters: cells(parametersTable(job)), result: cells(resultBox(job)),
+                 checkpoint: [...checkpoints.querySelectorAll("tbody td")].map((td) => td.textContent) };""")
+    parameters, result = shown["parameters"], shown["result"]
+    assert parameters["hyperparameters.batch_size"] == "16 (auto)" and parameters["hyperparameters.n_epochs"] == "2.5 (auto)"
+    assert parameters["hyperparameters.learning_rate"] == "0.0003" and "hyperparameters.auto" not in parameters
+    assert result["model_step"] == "120 (the best validation loss)"
+    assert result["stop_reason"] == "early_stopping (stopped early: the validation loss had stopped improving)"
+    assert shown["checkpoint"][:5] == ["7", "5.5", "—", "—", "—"]

@@ -108,7 +108,7 @@ def test_a_long_run_keeps_the_stride_the_ends_and_every_evaluation(rt, owner):
         reporter.on_step(StepMetrics(step=step, loss=10 / step, learning_rate=1e-3, grad_norm=math.inf,
                                      tokens_per_second=1000.0, elapsed=0.0, tokens=64 * step, step_time=0.0))
         if step in evaluations:
-            reporter.on_eval(step, 5 / step, math.exp(5 / step))
+            reporter.on_eval(step, 5 / step, math.exp(5 / step), 0.5)
     reporter.finished(total, 10 / total)
     rows = metric_rows(rt, job_id)
     assert [row.step for row in rows] == sorted({s for s in range(1, total + 1) if keeps_step(s, total)} | evaluations)

@@ -179,3 +179,49 @@ def test_a_transient_database_error_is_retried_then_raised(rt, monkeypatch):
 
     with pytest.raises(OperationalError):
         rt.persist(down, patience=0)
+
+
+def test_a_prompt_completion_file_trains_on_its_completions(rt, owner):
+    """A prompt/completion training file, with the held-out tail and with a validation file of its own: the
+    worker's prepared datasets carry the loss masks and the Trainer gets them (train and validation)."""
+    import json
+
+    from gpt2core import load_dataset
+
+    lines = "".join(json.dumps({"prompt": f"Item {i} of the list, described at some length:",
+                                "completion": f" number {i}."}) + "\n" for i in range(400)).encode()
+    training = upload(rt, owner, lines, name="pairs.jsonl")
+    validation = upload(rt, owner, b"".join(lines.splitlines(keepends=True)[:100]), name="val.jsonl")
+    held_out = train_job(rt, owner, training, max_steps=2, eval_every=2, sample_every=0, checkpoint_every=0)
+    params = {"model": TINY, "hyperparameters": {**HYPER, "max_steps": 2, "eval_every": 2, "sample_every": 0,
+                                                 "checkpoint_every": 0}, "seed": 1, "suffix": "t"}
+    with session_scope(rt.sessions) as session:
+        separate = repository.create_job(session, owner, "train", params, training_file_id=training,
+                                         validation_file_id=validation)[0].id
+    for job_id in (held_out, separate):
+        run_training(rt, job_id)
+        done = job(rt, job_id)
+        assert done.status == "succeeded", done.error
+        assert done.result["val_loss"] is not None and done.result["train_loss"] > 0
+    folders = [p for p in (rt.artifacts.root / "datasets").iterdir() if p.is_dir()]
+    assert len(folders) == 3  # the training file split two ways, the validation file
+    for folder in folders:
+        ds = load_dataset(folder)
+        assert ds.train_mask is not None and ds.train_mask.size == ds.train.size and 0 < ds.train_mask.mean() < 1
+
+
+def test_auto_hyperparameters_are_resolved_once_and_stored(rt, owner):
+    auto = {**HYPER, "max_steps": None, "n_epochs": "auto", "batch_size": "auto", "learning_rate": "auto",
+            "warmup_steps": None, "eval_every": 0, "checkpoint_every": 0, "sample_every": 0}
+    job_id = train_job(rt, owner, upload(rt, owner, CORPUS[:3000]), **auto)
+    run_training(rt, job_id)
+    done = job(rt, job_id)
+    assert done.status == "succeeded", done.error
+    hyper = done.params["hyperparameters"]
+    # ~740 training tokens in windows of 32: 23 examples -> 5 epochs, so that at least 100 examples are seen
+    # (OpenAI's rule), in global batches of 1 (0.2% of the examples, at least 1); a 1.6M-parameter model: 1e-3
+    assert (hyper["n_epochs"], hyper["batch_size"], hyper["grad_accum_steps"]) == (5.0, 1, 1)
+    assert hyper["learning_rate"] == 1e-3 and hyper["auto"] == ["n_epochs", "batch_size", "learning_rate"]
+    assert done.progress["total_steps"] == done.result["steps"] > 100
+    [resolved] = [e for e in events(rt, job_id) if e.message.startswith("Resolved")]
+    assert resolved.data["hyperparameters"] == hyper and "n_epochs 5, batch_size 1" in resolved.message

@@ -122,10 +122,30 @@ export function formatExact(value) {
   return toJson(value);
 }
 
-export const ACTIVE_STATUSES = new Set(["queued", "running", "cancelling"]);
+/** The statuses in which a job changes by itself (a worker moves it on): pages follow such jobs live. */
+export const ACTIVE_STATUSES = new Set(["queued", "running", "cancelling", "pausing"]);
 
+/**
+ * Whether the job changes by itself. A paused job is neither active nor finished: it stays paused until someone
+ * resumes (or cancels) it, so pages stop following it (the job page follows it again once it is resumed there).
+ */
 export function isActive(job) {
   return ACTIVE_STATUSES.has(job.status);
+}
+
+/** The actions a job's status allows (POST /v1/jobs/{id}/pause, /resume, /cancel). */
+export function jobActions(job) {
+  return {
+    pause: job.status === "queued" || job.status === "running",
+    resume: job.status === "paused",
+    cancel: ["queued", "running", "pausing", "paused"].includes(job.status),
+  };
+}
+
+/** A share from 0 to 1 as "61.3 %" (a no-break space before the sign); "—" for null. */
+export function formatPercent(value) {
+  if (value === null || value === undefined || typeof value !== "number") return "—";
+  return `${(value * 100).toFixed(1)}\u00a0%`;
 }
 
 /** A coloured status label. */

@@ -1,8 +1,8 @@
 // The pieces of a job's page, each a pure function of API objects to elements (views/job.js keeps them live).
 
 import {
-  dataTable, formatBytes, formatDuration, formatExact, formatNumber, formatValue, h, isActive, jobProgress,
-  keyValueTable, link, longText, progressBar, row, statusBadge, timeEl,
+  dataTable, formatBytes, formatDuration, formatExact, formatNumber, formatPercent, formatValue, h, isActive,
+  jobProgress, keyValueTable, link, longText, progressBar, row, statusBadge, timeEl,
 } from "../dom.js";
 
 /** Keys of a job object shown in the summary rather than among its parameters. */
@@ -69,17 +69,35 @@ export function errorBox(job) {
     h("p", { class: "error-message", "data-testid": "job-error-message" }, job.error.message ?? ""));
 }
 
-/** What a finished job produced (result), with the model linked. */
+/** Why a training job stopped (result.stop_reason), in words. */
+const STOP_REASONS = {
+  max_steps: "ran all its steps",
+  early_stopping: "stopped early: the validation loss had stopped improving",
+};
+
+/** A result value, with words where a bare value says little (the step the model is from, why it stopped). */
+function resultValue(job, key, value) {
+  if (key === "model") return modelCell(value);
+  if (key === "model_step" && typeof value === "number") {
+    const chosen = job.hyperparameters?.select_model === "best" ? " (the best validation loss)" : "";
+    return `${formatExact(value)}${chosen}`;
+  }
+  if (key === "stop_reason" && STOP_REASONS[value]) return `${value} (${STOP_REASONS[value]})`;
+  return formatValue(value);
+}
+
+/** What a finished job produced (result), with the model linked; for training, the model's step and why it stopped. */
 export function resultBox(job) {
   if (!job.result || typeof job.result !== "object") return null;
-  const rows = Object.entries(job.result).map(([key, value]) =>
-    [key, key === "model" ? modelCell(value) : formatValue(value)]);
+  const rows = Object.entries(job.result).map(([key, value]) => [key, resultValue(job, key, value)]);
   return h("section", { class: "card" }, h("h2", {}, "Result"), keyValueTable(rows, { "data-testid": "job-result" }));
 }
 
 /**
  * The resolved parameters (model, hyperparameters or sampling, seed, files, metadata) as one table, each value
  * exactly as the API gave it (formatExact: a seed shows every digit, without separators, ready to be copied).
+ * Hyperparameters given as "auto" show the value the worker chose, marked: "batch_size 16 (auto)" (their names are
+ * in hyperparameters.auto, which is not shown as a row of its own).
  */
 export function parametersTable(job) {
   const rows = [];
@@ -87,17 +105,49 @@ export function parametersTable(job) {
     if (SUMMARY_KEYS.has(key)) continue;
     if (key === "model") rows.push([key, modelCell(value)]);
     else if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
-      for (const [sub, subValue] of Object.entries(value)) rows.push([`${key}.${sub}`, formatExact(subValue)]);
+      const auto = key === "hyperparameters" && Array.isArray(value.auto) ? value.auto : null;
+      for (const [sub, subValue] of Object.entries(value)) {
+        if (auto && sub === "auto") continue;
+        const chosen = auto?.includes(sub) && subValue !== "auto";
+        rows.push([`${key}.${sub}`, chosen ? `${formatExact(subValue)} (auto)` : formatExact(subValue)]);
+      }
     } else rows.push([key, formatExact(value)]);
   }
   return keyValueTable(rows, { "data-testid": "job-parameters" });
 }
 
-export function checkpointsTable(checkpoints) {
+/** The cell of a checkpoint registered as a model: the model, linked to the models page, and its name. */
+export function registeredModel(model) {
+  return h("span", { class: "registered-model", "data-testid": "registered-model", "data-model-id": model.id },
+    link("/models", h("code", {}, model.id)), " ", h("span", { class: "muted small" }, longText(model.name)));
+}
+
+/**
+ * A training job's checkpoints, by step, with the validation metrics of evaluation steps. With `onRegister`
+ * (checkpoint, button, cell) each row has a "Register as model" button; `registered` (checkpoint id -> model)
+ * shows the models already made from checkpoints instead.
+ */
+export function checkpointsTable(checkpoints, { registered = new Map(), onRegister = null } = {}) {
   if (!checkpoints.length) return h("p", { class: "muted" }, "No checkpoints.");
-  return dataTable(["Step", "Training loss", "Validation loss", "Size", "Saved"],
-    checkpoints.map((c) => row([formatNumber(c.step), formatNumber(c.train_loss), formatNumber(c.val_loss),
-      formatBytes(c.bytes), timeEl(c.created_at)])), { "data-testid": "job-checkpoints" });
+  const headers = ["Step", "Training loss", "Validation loss", "Perplexity", "Accuracy", "Size", "Saved"];
+  const modelCell = (c) => {
+    if (registered.has(c.id)) return registeredModel(registered.get(c.id));
+    if (!onRegister) return null;
+    const cell = h("span", {});
+    const button = h("button", { type: "button", class: "button secondary small",
+      "data-testid": "register-checkpoint", title: `Register the checkpoint of step ${c.step} as a model` },
+    "Register as model");
+    button.addEventListener("click", () => onRegister(c, button, cell));
+    cell.append(button);
+    return cell;
+  };
+  return dataTable(onRegister || registered.size ? [...headers, "Model"] : headers,
+    checkpoints.map((c) => {
+      const cells = [formatNumber(c.step), formatNumber(c.train_loss), formatNumber(c.val_loss),
+        formatNumber(c.val_perplexity), formatPercent(c.val_accuracy), formatBytes(c.bytes), timeEl(c.created_at)];
+      if (onRegister || registered.size) cells.push(modelCell(c) ?? "—");
+      return row(cells, { "data-checkpoint-id": c.id });
+    }), { "data-testid": "job-checkpoints" });
 }
 
 function completionsCell(result) {
@@ -113,6 +163,7 @@ function noResults(job) {
     case "failed": return "No results: the job failed before any prompt finished.";
     case "cancelled": return "No results: the job was cancelled before any prompt finished.";
     case "succeeded": return "No results.";
+    case "paused": return "No results yet: the job is paused (resume it to go on).";
     default: return "No results yet."; // queued, running, cancelling (or not known): some may still come
   }
 }

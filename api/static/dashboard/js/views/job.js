@@ -1,6 +1,8 @@
-// /jobs/<job id>: one job, kept live while it runs.
+// /jobs/<job id>: one job, kept live while it runs; Pause, Resume and Cancel, as its status allows.
 //
-// A finished job is read once from the JSON routes. An active one is followed through its event stream
+// A finished or paused job is read once from the JSON routes (a paused one is followed again once it is resumed
+// here; following stops when it becomes paused, since it waits for a person). An active one is followed through
+// its event stream
 // (GET /v1/jobs/{id}/events with Accept: text/event-stream, read by sse.js): each job event is appended to the
 // list, each `event: job` message (a change of status or progress) updates the header and fetches the new
 // metrics rows (`/metrics?after=<last step plotted>`), and `event: end` brings the final state. A stream the server
@@ -9,10 +11,11 @@
 
 import { ApiError, authHeaders, errorFrom, getAll, getList, isAbort, request, toJson } from "../api.js";
 import { TrainingChart } from "../chart.js";
-import { append, h, isActive, notice, replace } from "../dom.js";
+import { append, h, isActive, jobActions, notice, replace } from "../dom.js";
 import { readJobStream } from "../sse.js";
 import {
-  checkpointsTable, errorBox, eventItem, parametersTable, resultBox, resultsTable, sampleBlock, summary,
+  checkpointsTable, errorBox, eventItem, parametersTable, registeredModel, resultBox, resultsTable, sampleBlock,
+  summary,
 } from "./job-parts.js";
 
 const POLL_MS = 2000;
@@ -84,6 +87,10 @@ export async function renderJob(main, ctx) {
 
   // Layout: header, error, what it produces (chart or results), samples, checkpoints, events, parameters.
   const title = h("h1", {}, "Job ", h("code", {}, job.id));
+  const pause = h("button", { type: "button", class: "button secondary", "data-testid": "pause-job",
+    title: "A running job stops at its next checkpoint (or once the prompts in progress are done)" }, "Pause");
+  const resume = h("button", { type: "button", class: "button", "data-testid": "resume-job",
+    title: "Queue the job again: it continues from where it paused" }, "Resume");
   const cancel = h("button", { type: "button", class: "button danger", "data-testid": "cancel-job" }, "Cancel job");
   const liveNote = h("span", { class: "muted small live-note", "aria-live": "polite", "data-testid": "live-mode" });
   const problems = h("div", {});
@@ -109,7 +116,7 @@ export async function renderJob(main, ctx) {
   const parameters = h("div", {});
 
   append(main, [
-    h("div", { class: "page-head" }, title, liveNote, cancel),
+    h("div", { class: "page-head" }, title, liveNote, h("div", { class: "page-actions" }, pause, resume, cancel)),
     h("p", { class: "breadcrumbs" }, h("a", { href: "/jobs", "data-link": true }, "← All jobs")),
     problems, summarySlot, errorSlot,
     training ? section("Loss", "chart-section", chart.element, metricsNote,
@@ -137,12 +144,16 @@ export async function renderJob(main, ctx) {
     replace(errorSlot, errorBox(job));
     replace(resultSlot, resultBox(job));
     replace(parameters, parametersTable(job));
-    cancel.hidden = !(job.status === "queued" || job.status === "running");
+    const actions = jobActions(job);
+    pause.hidden = !actions.pause;
+    resume.hidden = !actions.resume;
+    cancel.hidden = !actions.cancel;
   };
 
   const addEvents = (list) => {
     const fresh = list.filter((e) => lastEventId === null || e.id > lastEventId);
     if (!fresh.length) return;
+    events.querySelector(".no-events")?.remove();
     const stick = nearBottom(events) || lastEventId === null;
     for (const event of fresh) {
       events.append(eventItem(event));
@@ -172,10 +183,29 @@ export async function renderJob(main, ctx) {
     }
   });
 
+  // Checkpoints registered as models from this page (checkpoint id -> model): kept across the table's refreshes.
+  const registered = new Map();
+  const register = async (checkpoint, button, cell) => {
+    button.disabled = true;
+    button.textContent = "Registering…";
+    try {
+      const model = await request(`${base}/checkpoints/${encodeURIComponent(checkpoint.id)}/model`,
+        { method: "POST", signal });
+      registered.set(checkpoint.id, model);
+      replace(cell, registeredModel(model));
+      replace(problems);
+    } catch (exc) {
+      button.disabled = false;
+      button.textContent = "Register as model";
+      showProblem(exc);
+    }
+  };
+
   const refreshCheckpoints = coalesced(async () => {
     if (!training) return;
     try {
-      replace(checkpoints, checkpointsTable((await getList(`${base}/checkpoints`, {}, { signal })).data));
+      const list = (await getList(`${base}/checkpoints`, {}, { signal })).data;
+      replace(checkpoints, checkpointsTable(list, { registered, onRegister: register }));
     } catch (exc) {
       showProblem(exc);
     }
@@ -227,63 +257,118 @@ export async function renderJob(main, ctx) {
     }
   };
 
+  // The events and state the stream had not sent yet (a job that was paused: no more will come).
+  const catchUp = async () => {
+    onJob(await request(base, { signal }));
+    addEvents(await getAll(`${base}/events`, { query: { after: lastEventId, limit: 100 }, signal }));
+  };
+
   const follow = async () => {
     liveNote.textContent = "live";
     liveNote.dataset.mode = "stream";
-    const handlers = { onEvent: (event) => addEvents([event]), onJob, onEnd: onJob };
+    // The server keeps a paused job's stream open, but a paused job waits for a person: the page closes its
+    // stream (`stop`) when the job is paused, reads what the stream had not sent yet, and stops following.
+    const stop = new AbortController();
+    const stopWithPage = () => stop.abort();
+    signal.addEventListener("abort", stopWithPage, { once: true });
+    const onStreamJob = (next) => {
+      onJob(next);
+      if (next.status === "paused") stop.abort();
+    };
+    const handlers = { onEvent: (event) => addEvents([event]), onJob: onStreamJob, onEnd: onJob };
     let failures = 0;
-    while (ctx.isCurrent()) {
-      let outcome;
-      try {
-        outcome = await readJobStream(job.id, { lastEventId, signal, handlers });
-      } catch (exc) {
-        if (isAbort(exc)) return;
-        if (exc instanceof ApiError && exc.status > 0 && exc.status < 500) throw exc; // refused: show it
-        failures += 1; // a dropped connection, a restarting server: try again, then poll
-        if (failures > 3) {
-          await poll();
-          break;
+    try {
+      while (ctx.isCurrent()) {
+        let outcome;
+        try {
+          outcome = await readJobStream(job.id, { lastEventId, signal: stop.signal, handlers });
+        } catch (exc) {
+          if (isAbort(exc)) break;
+          if (exc instanceof ApiError && exc.status > 0 && exc.status < 500) throw exc; // refused: show it
+          failures += 1; // a dropped connection, a restarting server: try again, then poll
+          if (failures > 3) {
+            await poll();
+            break;
+          }
+          await sleep(1000 * failures, signal);
+          continue;
         }
-        await sleep(1000 * failures, signal);
-        continue;
+        if (outcome.outcome === "end" || stop.signal.aborted) break;
+        if (outcome.outcome === "closed") {
+          failures = 0;
+          await sleep(Math.min(outcome.retry ?? 1000, 5000), signal);
+          continue;
+        }
+        await poll(); // "busy" or "unsupported"
+        break;
       }
-      if (outcome.outcome === "end") break;
-      if (outcome.outcome === "closed") {
-        failures = 0;
-        await sleep(Math.min(outcome.retry ?? 1000, 5000), signal);
-        continue;
+      if (stop.signal.aborted && !signal.aborted) await catchUp(); // paused
+    } finally {
+      signal.removeEventListener("abort", stopWithPage);
+    }
+  };
+
+  // Follow the job while it is active (again after a Resume on this page), then read its final state.
+  let following = false;
+  let followAgain = false;
+  const live = async () => {
+    if (following) {
+      followAgain = true; // resumed while the follower was stopping: it goes on
+      return;
+    }
+    following = true;
+    refreshAll();
+    try {
+      for (;;) {
+        followAgain = false;
+        await follow();
+        if (!followAgain || !ctx.isCurrent()) break;
+        onJob(await request(base, { signal }));
+        if (!isActive(job)) break;
       }
-      await poll(); // "busy" or "unsupported"
-      break;
+    } catch (exc) {
+      showProblem(exc);
+    } finally {
+      following = false;
+    }
+    if (!ctx.isCurrent()) return;
+    liveNote.textContent = ""; // data-mode stays: how the page followed the job
+    await refreshAll();
+  };
+
+  // POST an action (pause, resume, cancel) and show the job it answers with.
+  const act = async (action, button) => {
+    button.disabled = true;
+    try {
+      onJob(await request(`${base}/${action}`, { method: "POST", signal }));
+      replace(problems);
+      return true;
+    } catch (exc) {
+      showProblem(exc);
+      return false;
+    } finally {
+      button.disabled = false;
     }
   };
 
   download.addEventListener("click", () => downloadResults(job.id).catch(showProblem));
+  pause.addEventListener("click", () => act("pause", pause));
+  resume.addEventListener("click", async () => {
+    if (await act("resume", resume) && isActive(job)) live();
+  });
   cancel.addEventListener("click", async () => {
     if (!window.confirm(`Cancel ${job.id}?`)) return;
-    try {
-      onJob(await request(`${base}/cancel`, { method: "POST", signal }));
-    } catch (exc) {
-      showProblem(exc);
-    }
+    await act("cancel", cancel);
   });
 
   showJob(job);
   if (!isActive(job)) {
     const [list] = await Promise.all([getAll(`${base}/events`, { query: { limit: 100 }, signal }), refreshAll()]);
     addEvents(list);
-    if (!events.children.length) events.append(h("li", { class: "muted" }, "No events."));
+    if (!events.children.length) events.append(h("li", { class: "muted no-events" }, "No events."));
     return;
   }
-  refreshAll();
-  try {
-    await follow();
-  } catch (exc) {
-    showProblem(exc);
-  }
-  if (!ctx.isCurrent()) return;
-  liveNote.textContent = ""; // data-mode stays: how the page followed the job
-  await refreshAll();
+  await live();
 }
 
 function nearBottom(el) {

@@ -1,5 +1,6 @@
 // /jobs: the caller's jobs, newest first, filtered by type and status (kept in the address:
-// /jobs?type=train&status=running can be bookmarked), refreshed every few seconds while any listed job is active.
+// /jobs?type=train&status=running can be bookmarked), refreshed every few seconds while any listed job is active
+// (queued, running, pausing or cancelling: a paused job waits to be resumed and does not keep the list refreshing).
 
 import { getList, isAbort } from "../api.js";
 import {
@@ -7,7 +8,7 @@ import {
 } from "../dom.js";
 
 const TYPES = ["train", "finetune", "generate"];
-const STATUSES = ["queued", "running", "succeeded", "failed", "cancelling", "cancelled"];
+const STATUSES = ["queued", "running", "pausing", "paused", "succeeded", "failed", "cancelling", "cancelled"];
 const PAGE_SIZE = 50;
 const REFRESH_MS = 3000;
 
