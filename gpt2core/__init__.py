@@ -76,7 +76,8 @@ if TYPE_CHECKING:
 
 
 # Submodules, reachable as attributes (gpt2core.hf) as they were when this package imported them all eagerly.
-_SUBMODULES = {"checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "stopping", "tokenizer", "train"}
+_SUBMODULES = {"callbacks", "checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "stopping",
+               "tokenizer", "train", "train_config", "trainer_state"}
 
 
 def __getattr__(name: str) -> Any:

@@ -42,12 +42,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
-import re
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -59,179 +56,32 @@ from .data import IGNORE_INDEX, BatchLoader, eval_window_starts, masked_targets
 from .device import default_device
 from .model import GPT2
 from .stopping import EarlyStopping, LossWatchdog, TrainingDiverged
+# The Trainer's configuration, events and checkpoint files, each in a module of its own (names kept here too).
+from .callbacks import EvalResult, Sample, StepMetrics, TrainerCallback, TrainResult
+from .train_config import DTYPES, TrainConfig, learning_rate_at
+from .trainer_state import (
+    CHECKPOINT_PATTERN,
+    STATE_FILE,
+    STATE_VERSION,
+    _rng_state,
+    _set_rng_state,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    seed_everything,
+)
 
-STATE_FILE = "trainer_state.pt"
-STATE_VERSION = 1
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
-DTYPES = ("auto", "float32", "bfloat16")
+__all__ = [
+    "CHECKPOINT_PATTERN", "DTYPES", "STATE_FILE", "STATE_VERSION", "EvalResult", "Sample", "StepMetrics",
+    "TrainConfig", "TrainResult", "Trainer", "TrainerCallback", "build_optimizer", "checkpoint_name",
+    "decay_parameter_names", "latest_checkpoint", "learning_rate_at", "list_checkpoints", "perplexity",
+    "seed_everything",
+]
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration
+# Optimizer
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Training hyperparameters. Invalid values raise ValueError naming the field (``TrainConfig.<name>``).
-
-    ``batch_size`` is the micro-batch; one optimizer step sees ``batch_size * grad_accum_steps`` windows of
-    ``block_size`` tokens (None: the model's block_size). ``min_lr`` None means ``learning_rate / 10``.
-    ``eval_every``, ``sample_every``, ``checkpoint_every`` are in optimizer steps; 0 turns that off. An
-    evaluation scores the validation split's non-overlapping windows, at most ``eval_windows`` of them evenly
-    spread (``Trainer.evaluate``): deterministic, the same for every run on the same split and block size.
-    ``grad_clip`` 0 or None turns clipping off. ``keep_last_checkpoints`` (None: all) deletes older
-    ``step-*`` directories after each new checkpoint.
-
-    Stopping early (gpt2core.stopping): ``early_stopping_patience`` evaluations in a row without a validation loss
-    more than ``early_stopping_min_delta`` below the best end the run (0: never); ``checkpoint_best`` writes a
-    checkpoint at every evaluation that sets a new best, so the best model is on disk. The divergence guard
-    raises ``TrainingDiverged`` when the training loss is not finite, or stays above ``divergence_threshold``
-    times its recent level for ``divergence_patience`` steps (threshold 0: only non-finite losses); no periodic
-    checkpoint is written while the loss is flagged.
-    """
-
-    max_steps: int = 1000
-    batch_size: int = 8
-    block_size: int | None = None
-    grad_accum_steps: int = 1
-    learning_rate: float = 6e-4
-    min_lr: float | None = None
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    eval_every: int = 0
-    eval_windows: int = 256
-    sample_every: int = 0
-    sample_prompts: Sequence[str] = ("",)  # "" starts from the end-of-text token: GPT-2's unconditional samples
-    sample_max_new_tokens: int = 64
-    sample_temperature: float = 0.8
-    sample_top_k: int = 200
-    checkpoint_every: int = 0
-    checkpoint_dir: str | Path | None = None
-    keep_last_checkpoints: int | None = None
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
-    checkpoint_best: bool = False
-    divergence_threshold: float = 2.0
-    divergence_patience: int = 5
-    seed: int = 1337
-    device: str | torch.device | None = None
-    compile: bool = False
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        def fail(name: str, rule: str) -> None:
-            raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_windows", "sample_max_new_tokens"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "sample_top_k"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "an integer >= 0")
-        if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
-            fail("block_size", "a positive integer or None")
-        if not is_num(self.learning_rate) or self.learning_rate <= 0:
-            fail("learning_rate", "a number > 0")
-        if self.min_lr is None:
-            self.min_lr = self.learning_rate / 10
-        if not is_num(self.min_lr) or not 0 <= self.min_lr <= self.learning_rate:
-            fail("min_lr", f"a number in [0, learning_rate={self.learning_rate}]")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            fail("weight_decay", "a number >= 0")
-        betas = self.betas
-        if (
-            not isinstance(betas, (tuple, list))
-            or len(betas) != 2
-            or not all(is_num(b) and 0 <= b < 1 for b in betas)
-        ):
-            fail("betas", "two numbers in [0, 1)")
-        self.betas = (float(betas[0]), float(betas[1]))
-        if not is_num(self.eps) or self.eps <= 0:
-            fail("eps", "a number > 0")
-        if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip < 0):
-            fail("grad_clip", "a number >= 0 or None")
-        if isinstance(self.sample_prompts, str) or not all(isinstance(p, str) for p in self.sample_prompts):
-            fail("sample_prompts", "a list of strings")
-        self.sample_prompts = tuple(self.sample_prompts)
-        if self.sample_every and not self.sample_prompts:
-            fail("sample_prompts", "non-empty when sample_every is set")
-        if not is_num(self.sample_temperature) or self.sample_temperature < 0:
-            fail("sample_temperature", "a number >= 0")
-        if self.checkpoint_every and self.checkpoint_dir is None:
-            fail("checkpoint_dir", "set when checkpoint_every is set")
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-            fail("checkpoint_dir", "a path or None")
-        if self.keep_last_checkpoints is not None and (
-            not is_int(self.keep_last_checkpoints) or self.keep_last_checkpoints < 1
-        ):
-            fail("keep_last_checkpoints", "a positive integer or None")
-        for name in ("early_stopping_patience", "divergence_patience"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name.startswith("early") else 1):
-                fail(name, "an integer >= 0" if name.startswith("early") else "a positive integer")
-        if not is_num(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
-            fail("early_stopping_min_delta", "a number >= 0")
-        if not is_num(self.divergence_threshold) or not (self.divergence_threshold == 0 or self.divergence_threshold > 1):
-            fail("divergence_threshold", "0 (off) or a number > 1")
-        if not isinstance(self.checkpoint_best, bool):
-            fail("checkpoint_best", "a bool")
-        if (self.early_stopping_patience or self.checkpoint_best) and not self.eval_every:
-            fail("eval_every", "set when early_stopping_patience or checkpoint_best is set")
-        if self.checkpoint_best and self.checkpoint_dir is None:
-            fail("checkpoint_dir", "set when checkpoint_best is set")
-        if not is_int(self.seed):
-            fail("seed", "an integer")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                fail("device", "a torch device (e.g. 'cpu', 'cuda', 'cuda:1') or None")
-        if not isinstance(self.compile, bool):
-            fail("compile", "a bool")
-        if self.dtype not in DTYPES:
-            fail("dtype", f"one of {', '.join(DTYPES)}")
-
-    def lr_at(self, step: int) -> float:
-        return learning_rate_at(
-            step,
-            learning_rate=self.learning_rate,
-            min_lr=self.min_lr,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("checkpoint_dir", "device"):
-            if d[key] is not None:
-                d[key] = str(d[key])
-        d["sample_prompts"] = list(self.sample_prompts)
-        d["betas"] = list(self.betas)
-        return d
-
-
-def learning_rate_at(step: int, *, learning_rate: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """The learning rate for optimizer step ``step`` (0-based: the number of steps already taken).
-
-    Linear warmup ``learning_rate * (step + 1) / warmup_steps`` for ``step < warmup_steps``; then cosine decay
-    ``min_lr + (learning_rate - min_lr) * (1 + cos(pi * (step - warmup_steps) / (max_steps - warmup_steps))) / 2``;
-    ``min_lr`` from ``max_steps`` on.
-    """
-    if step < warmup_steps:
-        return learning_rate * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / (max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
 def decay_parameter_names(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -252,150 +102,6 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
     ]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=config.lr_at(0), betas=config.betas, eps=config.eps, **extra)
-
-
-# --------------------------------------------------------------------------------------------------
-# Events and callbacks
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepMetrics:
-    step: int  # optimizer steps completed, this one included (1 for the first step)
-    loss: float  # mean training loss per counted target over the step's micro-batches (nats; 0.0 if none)
-    learning_rate: float
-    grad_norm: float  # total gradient norm before clipping
-    tokens_per_second: float
-    elapsed: float  # seconds since fit() started
-    tokens: int  # training tokens seen since step 0 (resumes included)
-    step_time: float  # seconds this step took
-
-
-@dataclass
-class Sample:
-    prompt: str
-    text: str  # the completion, without the prompt
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """One evaluation (``Trainer.evaluate``), over the counted targets of the validation windows (prompt tokens
-    are not targets): the mean loss (nats per target), token accuracy (the fraction of targets that are their
-    position's argmax prediction, in [0, 1]) and the number of targets counted."""
-
-    loss: float
-    accuracy: float
-    tokens: int
-
-
-@dataclass
-class TrainResult:
-    steps: int  # the trainer's step count when fit() returned
-    stopped: bool  # True when a callback's should_stop() ended training before max_steps
-    final_loss: float | None  # training loss of the last step
-    val_loss: float | None  # last evaluation's loss, if any
-    perplexity: float | None
-    losses: list[float] = field(default_factory=list)  # per-step training losses of this fit() call
-    checkpoint: Path | None = None  # last checkpoint written (or resumed from)
-    elapsed: float = 0.0
-    tokens: int = 0
-    # Why training ended: "max_steps", "early_stopping" (validation loss stopped improving) or "stopped" (a
-    # callback asked: a cancel, pause or shutdown).
-    stop_reason: str = "max_steps"
-    best_step: int | None = None  # the evaluation step with the lowest validation loss, over the whole run
-    best_val_loss: float | None = None
-
-
-class TrainerCallback:
-    """Base class with no-op hooks; any object with some of these methods works as a callback."""
-
-    def on_step(self, metrics: StepMetrics) -> None:
-        pass
-
-    def on_eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None) -> None:
-        """An evaluation at optimizer step `step`: mean validation loss (nats per target), its perplexity, and
-        token accuracy (share of targets predicted exactly by argmax)."""
-
-    def on_sample(self, step: int, samples: list[Sample]) -> None:
-        pass
-
-    def on_checkpoint(self, step: int, path: Path, train_loss: float | None, val_loss: float | None) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint discovery
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (``step-N`` directories holding trainer_state.pt) under a run directory, by step."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = CHECKPOINT_PATTERN.match(child.name)
-        if m and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1][1] if found else None
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), python's random and numpy's global RNG."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------
