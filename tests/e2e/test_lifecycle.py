@@ -46,7 +46,7 @@ def losses(api, job_id: str) -> dict[int, float]:
 
 
 def test_a_paused_job_resumes_exactly_where_it_stopped(api, corpus):
-    steps = 80
+    steps = 60
     body = train_body(corpus, steps, eval_every=20, checkpoint_every=40)
     paused = submit(api, body)
     wait_for(api, paused["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 15)
@@ -76,17 +76,17 @@ def test_a_paused_job_resumes_exactly_where_it_stopped(api, corpus):
 
 def test_a_paused_generate_job_keeps_its_results_and_finishes_the_rest(api, corpus, tmp_path):
     model = finished(api, submit(api, train_body(corpus, 10))["id"])[0]["result"]["model"]
-    lines = [{"custom_id": f"c{i}", "prompt": f"Item {i}:"} for i in range(120)]
+    lines = [{"custom_id": f"c{i}", "prompt": f"Item {i}:"} for i in range(60)]
     inputs = upload_text(api, tmp_path, "prompts.jsonl", "".join(json.dumps(line) + "\n" for line in lines),
                          purpose="generate")
-    body = {"type": "generate", "model": model, "input_file": inputs, "sampling": {"max_new_tokens": 24, "seed": 5}}
+    body = {"type": "generate", "model": model, "input_file": inputs, "sampling": {"max_new_tokens": 16, "seed": 5}}
     job = submit(api, body)
     wait_for(api, job["id"], lambda j: j["status"] == "running" and (j["progress"].get("completed") or 0) >= 10)
     api.post(f"/v1/jobs/{job['id']}/pause")
     paused, _ = wait_for(api, job["id"], lambda j: j["status"] == "paused", timeout=60)
     kept = api.get(f"/v1/jobs/{job['id']}/results.jsonl")
     assert kept.headers["Job-Status"] == "paused" and kept.headers["Results-Partial"] == "true"
-    assert len(kept.text.splitlines()) == paused["progress"]["completed"] < 120
+    assert len(kept.text.splitlines()) == paused["progress"]["completed"] < 60
     api.post(f"/v1/jobs/{job['id']}/resume")
     done, _ = finished(api, job["id"])
     twin, _ = finished(api, submit(api, body)["id"])
@@ -94,7 +94,7 @@ def test_a_paused_generate_job_keeps_its_results_and_finishes_the_rest(api, corp
     twins = [json.loads(line) for line in api.get(f"/v1/jobs/{twin['id']}/results.jsonl").text.splitlines()]
     assert [r["custom_id"] for r in results] == [line["custom_id"] for line in lines]
     assert [r["completions"] for r in results] == [r["completions"] for r in twins]
-    assert done["progress"] == {"total": 120, "completed": 120, "failed": 0}
+    assert done["progress"] == {"total": 60, "completed": 60, "failed": 0}
 
 
 def test_a_checkpoint_of_a_running_job_is_a_model_at_once(stack, api, corpus):
