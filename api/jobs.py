@@ -59,9 +59,9 @@ def job_object(job: Job) -> dict[str, Any]:
     }
 
 
-def json_body() -> Any:
+def json_body(what: str = "the job") -> Any:
     if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "Send the job as JSON (Content-Type: application/json).")
+        raise ApiError(415, "unsupported_media_type", f"Send {what} as JSON (Content-Type: application/json).")
     try:
         body = parse_json_body(request.get_data())
     except InvalidInput as exc:
@@ -225,9 +225,11 @@ def register_checkpoint(job_id: str, checkpoint_id: str):
     200 with the one this checkpoint already made. Any status of the job: running, paused, failed, finished."""
     name = None
     if request.get_data():
-        body = json_body()
-        if not isinstance(body, dict) or set(body) - {"name"} or not isinstance(body.get("name", ""), (str, type(None))):
-            raise ApiError(422, "invalid_request", 'body: give nothing, or {"name": "<model name>"}', "name")
+        body = json_body('the body ({"name": ...})')
+        if not isinstance(body, dict) or set(body) - {"name"}:
+            raise ApiError(422, "invalid_request", 'body: give nothing, or {"name": "<model name>"}', "body")
+        if not isinstance(body.get("name"), (str, type(None))):
+            raise ApiError(422, "invalid_request", "name: a string, or null for the default name", "name")
         name = body.get("name")
     model, created = checkpoint_models.register_checkpoint(
         platform().sessions, platform().artifacts, owner(), job_id, checkpoint_id, name)

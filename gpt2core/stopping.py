@@ -34,19 +34,22 @@ class TrainingDiverged(FloatingPointError):
 @dataclass
 class LossWatchdog:
     """Flags steps whose training loss is above ``threshold`` times the recent level (and ``MIN_EXCESS_NATS``
-    above it); ``patience`` flagged steps in a row raise TrainingDiverged. ``threshold`` 0 turns the relative
-    check off; a non-finite loss always raises at once.
+    above it). An alarm starts at a flagged step and lasts until ``patience`` healthy steps in a row follow;
+    ``patience`` flagged steps within one alarm raise TrainingDiverged, so a blow-up whose loss swings back
+    below the threshold now and then is still caught. ``threshold`` 0 turns the relative check off; a
+    non-finite loss always raises at once.
 
     The recent level is an exponential moving average of the unflagged losses (weight LEVEL_WEIGHT), started at
-    the first step's loss, so a blow-up never drags its own reference up. A single spike resets once a healthy
-    step follows.
+    the first step's loss, so a blow-up never drags its own reference up. A single spike is forgiven once
+    ``patience`` healthy steps follow; until then (``alarmed``) the Trainer writes no periodic checkpoint.
     """
 
     threshold: float = 2.0
     patience: int = 5
     level: float | None = None
-    streak: int = 0  # flagged steps in a row, ending at the last step seen
-    streak_start: int | None = None
+    streak: int = 0  # flagged steps in the current alarm
+    streak_start: int | None = None  # the alarm's first flagged step
+    calm: int = 0  # healthy steps in a row since the alarm's last flagged step
 
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)) or not (
@@ -58,7 +61,8 @@ class LossWatchdog:
 
     @property
     def alarmed(self) -> bool:
-        """Whether the last step seen was flagged (a checkpoint now would hold a model that may be broken)."""
+        """Whether an alarm is on: a flagged step not yet followed by ``patience`` healthy ones (a checkpoint now
+        could hold a broken model)."""
         return self.streak > 0
 
     def observe(self, step: int, loss: float) -> None:
@@ -73,20 +77,26 @@ class LossWatchdog:
             if self.streak == 0:
                 self.streak_start = step
             self.streak += 1
+            self.calm = 0
             if self.streak >= self.patience:
                 raise TrainingDiverged(
                     f"the training loss was {loss:.2f} at step {step}, and above {self.threshold:g} times its "
-                    f"recent level ({self.level:.2f}) for the last {self.streak} steps",
+                    f"recent level ({self.level:.2f}) at {self.streak} of the {step - (self.streak_start or step) + 1} "
+                    f"steps since step {self.streak_start}",
                     step=step, loss=loss, level=self.level, first_bad_step=self.streak_start or step)
             return
-        self.streak, self.streak_start = 0, None
+        if self.streak:
+            self.calm += 1
+            if self.calm >= self.patience:
+                self.streak, self.streak_start, self.calm = 0, None, 0
         self.level += LEVEL_WEIGHT * (loss - self.level)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "streak": self.streak, "streak_start": self.streak_start}
+        return {"level": self.level, "streak": self.streak, "streak_start": self.streak_start, "calm": self.calm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.level, self.streak, self.streak_start = state["level"], state["streak"], state["streak_start"]
+        self.calm = state.get("calm", 0)
 
 
 @dataclass

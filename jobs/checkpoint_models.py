@@ -53,25 +53,33 @@ def default_name(session: Session, job: Job, step: int) -> str:
 
 def register_checkpoint(sessions: sessionmaker[Session], store: ArtifactStore, owner: str, job_id: str,
                         checkpoint_id: str, name: str | None = None) -> tuple[Model, bool]:
-    """The model made from the job's checkpoint, and whether it was made now (False: registered before).
+    """The model made from the job's checkpoint, and whether it was made now (False: registered before, also when
+    retention has removed the checkpoint since).
 
-    NotFound for a job or checkpoint that is not the caller's; InvalidRequest (param "name") for a bad name;
-    CheckpointGone when retention removed the checkpoint's files meanwhile."""
+    NotFound for a job or checkpoint that is not the caller's; InvalidRequest (422, param "name") for a bad name;
+    Conflict for a name other than the one the checkpoint was registered under; CheckpointGone when retention
+    removed the checkpoint's files meanwhile."""
+    if name is not None:
+        problem = check_name(name, "name", NAME_LENGTH)
+        if problem or not name.strip():
+            raise InvalidRequest(problem or "name must not be blank; leave it out for the default name",
+                                 param="name", status=422)
     model_id = model_id_for_checkpoint(checkpoint_id)
     with session_scope(sessions) as session:
         job = repository.get_job(session, owner, job_id)
+        existing = session.get(Model, model_id)
+        if existing is not None and existing.owner == owner and existing.job_id == job.id:
+            if name is not None and name != existing.name:
+                raise Conflict(f"Checkpoint {checkpoint_id!r} is registered already, as model {existing.id} named "
+                               f"{existing.name!r}; rename is not supported: leave the name out to get that model",
+                               param="name")
+            return existing, False
         checkpoint = session.scalars(
             select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id)).first()
         if checkpoint is None:
             raise NotFound("checkpoint", checkpoint_id)
-        existing = session.get(Model, model_id)
-        if existing is not None:
-            return existing, False
         step, source = checkpoint.step, Path(checkpoint.storage_path)
-        name = (name or "").strip() or default_name(session, job, step)
-    problem = check_name(name, "name", NAME_LENGTH)
-    if problem:
-        raise InvalidRequest(problem, param="name", status=400)
+        name = name if name is not None else default_name(session, job, step)
     staging = store.root / "tmp" / f"{model_id}.checkpoint"
     final = store.model_dir(model_id)
     try:

@@ -195,8 +195,13 @@ def worker_lost(session: Session, job: Job, max_attempts: int | None) -> bool:
         _end_job(session, job, CANCELLED, message="Job cancelled (its worker stopped before it finished the cancellation)")
         return False
     if job.status == PAUSING:
-        _pause(session, job, "Job paused (its worker stopped before it finished pausing); it resumes from its "
-               "last checkpoint")
+        resumes = "with the prompts not done"
+        if job.type != "generate":  # its progress is where a resume starts from
+            checkpoint = latest_checkpoint(session, job.id)
+            step = checkpoint.step if checkpoint is not None else 0
+            job.progress = {**(job.progress or {}), "step": step, "eta_seconds": None}
+            resumes = f"from its checkpoint at step {step}" if checkpoint is not None else "from the start"
+        _pause(session, job, f"Job paused (its worker stopped before it finished pausing); resumed, it goes on {resumes}")
         return False
     job.workers_lost += 1
     add_event(session, job.id, f"Attempt {job.attempts} ended without a word from worker {previous}: it stopped "
@@ -326,9 +331,9 @@ def _end_job(session: Session, job: Job, status: str, *, result: dict[str, Any] 
         add_event(session, job.id, message or f"Job failed: {body['message'] if body else 'unknown error'}",
                   level="error", data=body)
     elif status == SUCCEEDED:
-        add_event(session, job.id, message or "Job succeeded")
+        add_event(session, job.id, message or "Job succeeded", data={"status": SUCCEEDED})
     else:
-        add_event(session, job.id, message or "Job cancelled")
+        add_event(session, job.id, message or "Job cancelled", data={"status": CANCELLED})
 
 
 def _release_running_shards(session: Session, job: Job) -> None:

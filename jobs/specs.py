@@ -102,7 +102,8 @@ class Hyperparameters(Strict):
         {"not": {"required": ["max_steps", "n_epochs"],
                  "properties": {"max_steps": {"type": "integer"}, "n_epochs": {"anyOf": [{"type": "number"},
                                                                                        {"const": "auto"}]}}}},
-        {"not": {"required": ["batch_size", "grad_accum_steps"], "properties": {"batch_size": {"const": "auto"}}}},
+        {"not": {"required": ["batch_size", "grad_accum_steps"], "properties": {
+            "batch_size": {"const": "auto"}, "grad_accum_steps": {"not": {"const": 1}}}}},
     ]})
 
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
@@ -158,7 +159,7 @@ class Hyperparameters(Strict):
     @classmethod
     def accumulation_with_auto_batch(cls, value: int, info: ValidationInfo) -> int:
         # At submission only: a stored job holds every field (the worker reads it back before resolving).
-        if info.data.get("batch_size") == "auto" and (info.context or {}).get("submission"):
+        if info.data.get("batch_size") == "auto" and value != 1 and (info.context or {}).get("submission"):
             raise ValueError('is chosen with batch_size "auto"; leave it out, or give batch_size a number')
         return value
 
@@ -277,8 +278,12 @@ class LoraMethod(Strict):
         for name in value:
             if name not in GPT2_LINEAR_MODULES:
                 raise ValueError(f"{name!r} is not a Linear layer of GPT-2; choose from {', '.join(GPT2_LINEAR_MODULES)}")
-        if len(set(value)) != len(value):
-            raise ValueError("a name is repeated")
+        covered: dict[str, str] = {}
+        for name in value:  # a bare name covers that layer in the attention and the MLP
+            for layer in [f"{part}.{name}" for part in ("attn", "mlp")] if "." not in name else [name]:
+                if layer in covered:
+                    raise ValueError(f"{name!r} and {covered[layer]!r} both name {layer}; give it once")
+                covered[layer] = name
         return value
 
 

@@ -34,17 +34,19 @@ def small_model(block_size: int = 64, seed: int = 0) -> GPT2:
 
 
 def test_a_single_spike_is_forgiven_and_a_sustained_one_is_not():
-    dog = LossWatchdog(threshold=3.0, patience=3)
-    for step, loss in enumerate([10.0, 9.0, 40.0, 8.5, 8.0], start=1):  # one spike, then healthy again
+    dog = LossWatchdog(threshold=2.0, patience=3)
+    for step, loss in enumerate([10.0, 9.0, 40.0, 8.5, 8.0], start=1):  # one spike, then healthy again...
         dog.observe(step, loss)
+    assert dog.alarmed  # ...but not for long enough yet: no checkpoint now
+    dog.observe(6, 8.2)
     assert not dog.alarmed
-    for step, loss in [(6, 50.0), (7, 60.0)]:
+    for step, loss in [(7, 50.0), (8, 60.0), (9, 12.0)]:  # a blow-up that swings back below the threshold once
         dog.observe(step, loss)
     assert dog.alarmed
     with pytest.raises(TrainingDiverged) as raised:
-        dog.observe(8, 70.0)
-    assert raised.value.step == 8 and raised.value.first_bad_step == 6
-    assert "70.00 at step 8" in str(raised.value)
+        dog.observe(10, 70.0)
+    assert raised.value.step == 10 and raised.value.first_bad_step == 7
+    assert "70.00 at step 10" in str(raised.value) and "at 3 of the 4 steps since step 7" in str(raised.value)
 
 
 def test_a_non_finite_loss_stops_at_once_even_with_the_relative_check_off():

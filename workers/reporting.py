@@ -48,6 +48,7 @@ class JobReporter(TrainerCallback):
         self.evaluation: tuple[int, float | None] | None = None  # (step, token accuracy) of the last evaluation
         self.last_write = 0.0
         self.step = 0
+        self.tokens = 0  # training tokens seen, as of the last step
         self.progress: dict[str, Any] = {"tokens_per_second": None}  # the last progress written
         self.pending: list[Callable[[Session], object]] = []
         self.unreachable_since: float | None = None
@@ -123,7 +124,7 @@ class JobReporter(TrainerCallback):
                                                         level=level))
 
     def on_step(self, metrics: StepMetrics) -> None:
-        self.step = metrics.step
+        self.step, self.tokens = metrics.step, metrics.tokens
         now = time.monotonic()
         self.last_row = {"step": metrics.step, "train_loss": metrics.loss, "val_loss": None,
                          "learning_rate": metrics.learning_rate, "grad_norm": metrics.grad_norm,
@@ -173,13 +174,14 @@ class JobReporter(TrainerCallback):
     def should_stop(self) -> bool:
         return self.lease.should_stop
 
-    def current_progress(self) -> dict[str, Any] | None:
-        """The progress as of the last step trained (the last one written may be up to a second older), for a run
-        that stops before its end (a pause, a cancel, a shutdown); None before any step."""
-        if self.last_row is None or self.progress.get("step") == self.last_row["step"]:
+    def current_progress(self, stopped: bool) -> dict[str, Any] | None:
+        """The progress as of the last step trained (the last one written may be up to a second older); for a run
+        that `stopped` before its end (a pause, a cancel, a shutdown) without an ETA. None before any step."""
+        if self.last_row is None or (self.progress.get("step") == self.last_row["step"] and not stopped):
             return self.progress if self.progress.get("step") else None
-        return {**self.progress, "step": self.last_row["step"], "total_steps": self.steps,
-                "loss": round(self.last_row["train_loss"], 4), "val_loss": self.val_loss, "eta_seconds": None}
+        return {**self.progress, "step": self.last_row["step"], "total_steps": self.steps, "tokens": self.tokens,
+                "loss": round(self.last_row["train_loss"], 4), "val_loss": self.val_loss,
+                "eta_seconds": None if stopped else self.progress.get("eta_seconds")}
 
     def finished(self, step: int, loss: float | None) -> None:
         """The progress of a run that reached its end (also one resumed from its final checkpoint, which trains

@@ -180,7 +180,8 @@ class JobFailure(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-SERVER_PATH = re.compile(r"(?:/[\w.@+=-]+){2,}/?")
+#: An absolute path of two or more parts, but not an API route (/v1/...), which a message may name on purpose.
+SERVER_PATH = re.compile(r"(?<![\w/])(?!/v1/)(?:/[\w.@+=-]+){2,}/?")
 
 
 def user_message(text: str, paths: dict[str, str] | None = None) -> str:

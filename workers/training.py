@@ -171,7 +171,7 @@ def run_training(rt: Runtime, job_id: str) -> None:
 
         def end(session: Session) -> bool:
             if reporter is not None:  # what the run could not write during a database outage, and its last progress
-                reporter.store(session, reporter.current_progress())
+                reporter.store(session, reporter.current_progress(stopped=status != SUCCEEDED))
             if status == PAUSED:
                 assert result is not None
                 execution.pause(session, job_id, rt.worker_id, f"Job paused at step {result['step']}; the checkpoint "
@@ -216,9 +216,19 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     if dataset.train.size <= block_size:
         raise JobFailure("invalid_file", f"The training file has {dataset.train.size} training tokens; the model "
                          f"needs more than its block_size ({block_size}).", "training_file")
+    resolved: list[str] = []  # what the worker decides once it knows the data, the model and the device
     if has_auto(spec.hyperparameters):
-        spec = resolve_auto_hyperparameters(rt, job, spec, training_file, model, int(dataset.train.size))
+        spec, described = resolve_auto_hyperparameters(spec, training_file, model, int(dataset.train.size))
+        resolved.append(described)
     steps = total_steps(spec, int(dataset.train.size), block_size)
+    if spec.hyperparameters.warmup_steps is None:  # a run in epochs that gave none: now its length is known
+        hyper = spec.hyperparameters.model_copy(update={"warmup_steps": min(100, steps // 10)})
+        spec = spec.model_copy(update={"hyperparameters": hyper})
+        resolved.append(f"warmup_steps {hyper.warmup_steps} (a tenth of the run's {steps} steps, at most 100)")
+    if resolved:  # stored, so the job shows what runs and every later attempt reads the same numbers
+        values = spec.hyperparameters.model_dump(mode="json")
+        rt.persist(lambda session: execution.store_hyperparameters(
+            session, job.id, rt.worker_id, values, "Resolved " + "; ".join(resolved)))
     # an evaluation needs a window and a target in it (prompt tokens are not targets)
     has_val = val_tokens.size > block_size and (val_mask is None or bool(val_mask[1:].any()))
     config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
@@ -286,10 +296,9 @@ def diverged(rt: Runtime, job_id: str, exc: TrainingDiverged, checkpoint_dir: Pa
                       "hyperparameters.learning_rate")
 
 
-def resolve_auto_hyperparameters(rt: Runtime, job: Job, spec: TrainSpec, training_file: File, model: GPT2,
-                                 train_tokens: int) -> TrainSpec:
-    """The spec with its "auto" hyperparameters resolved (jobs.auto) and stored in the job, so the job says what
-    runs and every later attempt reads the same numbers."""
+def resolve_auto_hyperparameters(spec: TrainSpec, training_file: File, model: GPT2, train_tokens: int
+                                 ) -> tuple[TrainSpec, str]:
+    """The spec with its "auto" hyperparameters resolved (jobs.auto), and how, for the job's event."""
     hyper = spec.hyperparameters
     block_size = model.config.block_size
     jsonl = is_jsonl(training_file.filename)
@@ -308,10 +317,10 @@ def resolve_auto_hyperparameters(rt: Runtime, job: Job, spec: TrainSpec, trainin
         windows = resolved.batch_size * resolved.grad_accum_steps
         described += (f" (x grad_accum_steps {resolved.grad_accum_steps}: {windows} window{'s' * (windows != 1)} "
                       "per step)")
-    rt.persist(lambda session: execution.store_hyperparameters(
-        session, job.id, rt.worker_id, values, f"Resolved the \"auto\" hyperparameters for {examples:,} examples, "
-        f"{model.num_parameters():,} parameters on {device.type}: {described}"))
-    return spec.model_copy(update={"hyperparameters": resolved})
+    kind = "lines" if jsonl else f"windows of {block_size} tokens"
+    return (spec.model_copy(update={"hyperparameters": resolved}),
+            f'the "auto" hyperparameters for {examples:,} examples ({kind}), {model.num_parameters():,} parameters '
+            f"on {device.type}: {described}")
 
 
 def ignored_settings(spec: TrainSpec, steps: int, has_val: bool, val_tokens: int, block_size: int) -> list[str]:

@@ -71,7 +71,7 @@ def test_a_paused_job_resumes_exactly_where_it_stopped(api, corpus):
     assert any(m.startswith(f"Job paused at step {stopped_at}") for m in messages)
     statuses = [e["data"]["status"] for e in every(api, f"/v1/jobs/{paused['id']}/events")
                 if e["data"] and "status" in e["data"]]
-    assert statuses == ["pausing", "paused", "queued"]
+    assert statuses == ["pausing", "paused", "queued", "succeeded"]
 
 
 def test_a_paused_generate_job_keeps_its_results_and_finishes_the_rest(api, corpus, tmp_path):

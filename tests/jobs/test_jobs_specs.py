@@ -89,3 +89,22 @@ def test_the_schema_lists_gpt2cores_module_names():
     assert schema["items"]["enum"] == list(GPT2_LINEAR_MODULES)
     assert schema["default"] == list(LORA_DEFAULT_TARGET_MODULES) and schema["uniqueItems"] is True
     assert (schema["minItems"], schema["maxItems"]) == (1, 8)
+
+
+def test_lora_targets_that_name_one_layer_twice_are_refused():
+    body = {"type": "finetune", "training_file": "f", "model": "model-x",
+            "method": {"type": "lora", "target_modules": ["c_attn", "attn.c_attn"]}}
+    with pytest.raises(ValidationError, match="both name attn.c_attn"):
+        JOB_SPEC.validate_python(body)
+    body["method"]["target_modules"] = ["attn.c_proj", "mlp.c_proj"]
+    assert JOB_SPEC.validate_python(body).method.target_modules == ["attn.c_proj", "mlp.c_proj"]
+
+
+def test_an_auto_batch_takes_the_default_accumulation_only():
+    def submit(hyper):
+        return JOB_SPEC.validate_python({"type": "train", "training_file": "f", "hyperparameters": hyper},
+                                        context={"submission": True})
+
+    assert submit({"batch_size": "auto", "grad_accum_steps": 1}).hyperparameters.batch_size == "auto"
+    with pytest.raises(ValidationError, match="grad_accum_steps"):
+        submit({"batch_size": "auto", "grad_accum_steps": 4})

@@ -225,3 +225,10 @@ def test_auto_hyperparameters_are_resolved_once_and_stored(rt, owner):
     assert done.progress["total_steps"] == done.result["steps"] > 100
     [resolved] = [e for e in events(rt, job_id) if e.message.startswith("Resolved")]
     assert resolved.data["hyperparameters"] == hyper and "n_epochs 5, batch_size 1" in resolved.message
+
+
+def test_messages_keep_api_routes_and_hide_server_paths():
+    from workers.runtime import user_message
+
+    text = "see /v1/jobs/job-1/checkpoints/ckpt-2/model; failed in /srv/var/artifacts/x.bin"
+    assert user_message(text) == "see /v1/jobs/job-1/checkpoints/ckpt-2/model; failed in <server path>"
