@@ -244,8 +244,9 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                                  "schema": {"type": "string"}}},
         "requestBody": {"required": False, "content": {"application/json": {"schema": {
             "type": "object", "additionalProperties": False, "properties": {"name": {
-                "type": ["string", "null"], "maxLength": NAME_LENGTH, "description": "Default: the job's model "
-                "name with @step-<step>."}}}}}}},
+                "type": ["string", "null"], "minLength": 1, "maxLength": NAME_LENGTH,
+                "allOf": [{"pattern": NAME_PATTERN}, {"pattern": r"\S"}], "description": "Not blank, no control "
+                "characters. Default (also null): the job's model name with @step-<step>."}}}}}}},
     "jobs.list_events": {"content": {**json_response("EventList"), "text/event-stream": {"schema": {
         "type": "string", "description": "Sent when the request's Accept prefers text/event-stream: server-sent "
         "events, each job event as `id: <event id>` and `data: <Event>`, oldest first, then new ones as they happen; "
