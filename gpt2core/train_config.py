@@ -74,10 +74,12 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_windows", "sample_max_new_tokens"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_windows", "sample_max_new_tokens",
+                     "divergence_patience"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "sample_top_k"):
+        for name in ("warmup_steps", "eval_every", "sample_every", "checkpoint_every", "sample_top_k",
+                     "early_stopping_patience"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
@@ -117,9 +119,6 @@ class TrainConfig:
             not is_int(self.keep_last_checkpoints) or self.keep_last_checkpoints < 1
         ):
             fail("keep_last_checkpoints", "a positive integer or None")
-        for name in ("early_stopping_patience", "divergence_patience"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name.startswith("early") else 1):
-                fail(name, "an integer >= 0" if name.startswith("early") else "a positive integer")
         if not is_num(self.early_stopping_min_delta) or self.early_stopping_min_delta < 0:
             fail("early_stopping_min_delta", "a number >= 0")
         if not is_num(self.divergence_threshold) or not (self.divergence_threshold == 0 or self.divergence_threshold > 1):

@@ -22,6 +22,7 @@ from jobs import repository
 from jobs.db import session_scope
 from jobs.errors import Conflict, InvalidRequest, NotFound
 from jobs.models import NAME_LENGTH, Checkpoint, Job, Model
+from jobs.specs import ModelShape, trained_model_name
 from jobs.storage import ArtifactStore
 from jobs.text import check_name
 
@@ -46,9 +47,8 @@ def default_name(session: Session, job: Job, step: int) -> str:
         base = base_model.name if base_model is not None else str(params.get("model"))
     else:
         model = params.get("model", "gpt2")
-        base = model if isinstance(model, str) else f"gpt2-{model['n_layer']}x{model['n_embd']}"
-    suffix = params.get("suffix") or job.id.removeprefix("job-")[:8]
-    return f"{base}:{suffix}@step-{step}"
+        base = model if isinstance(model, str) else ModelShape.model_validate(model).name
+    return f"{trained_model_name(base, params.get('suffix'), job.id)}@step-{step}"
 
 
 def register_checkpoint(sessions: sessionmaker[Session], store: ArtifactStore, owner: str, job_id: str,

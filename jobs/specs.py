@@ -232,6 +232,11 @@ class Sampling(Strict):
         return found
 
 
+def trained_model_name(base_name: str, suffix: str | None, job_id: str) -> str:
+    """"<base>:<suffix>", the suffix defaulting to the job id's first 8 hex digits."""
+    return f"{base_name}:{suffix or job_id.removeprefix('job-')[:8]}"
+
+
 class TrainSpec(Strict):
     type: Literal["train"]
     training_file: ResourceId = Field(description="A file id with purpose 'train'.")
@@ -246,7 +251,7 @@ class TrainSpec(Strict):
 
     def model_name(self, base_name: str, job_id: str) -> str:
         """The name of the model this job registers: "<base>:<suffix>" (suffix default: the job id's first 8)."""
-        return f"{base_name}:{self.suffix or job_id.removeprefix('job-')[:8]}"
+        return trained_model_name(base_name, self.suffix, job_id)
 
 
 class FullMethod(Strict):

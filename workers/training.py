@@ -304,7 +304,7 @@ def resolve_auto_hyperparameters(spec: TrainSpec, training_file: File, model: GP
     jsonl = is_jsonl(training_file.filename)
     examples = (round(training_file.records * train_tokens / max(training_file.tokens or train_tokens, 1))
                 if jsonl else train_tokens // block_size)
-    method = "train" if not isinstance(spec, FinetuneSpec) else getattr(getattr(spec, "method", None), "type", "full")
+    method = spec.method.type if isinstance(spec, FinetuneSpec) else "train"
     device = default_device()
     limit = auto_global_batch(examples)
     max_micro = (largest_micro_batch(model, block_size, limit, device) if device.type == "cuda"

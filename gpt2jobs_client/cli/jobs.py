@@ -27,11 +27,11 @@ def job_rows(items: list[Job]) -> None:
           [[j.id, j.type, j.status, job_summary(j), j.model if isinstance(j.model, str) else json.dumps(j.model)] for j in items])
 
 
-def finish(ctx: click.Context, job: Job, as_json: bool, wait: bool) -> None:
-    """Print the job (with --json and `wait`: once it has finished); with `wait`, follow it to its end and exit with
-    its code."""
+def finish(ctx: click.Context, job: Job, as_json: bool, wait: bool, line: str | None = None) -> None:
+    """Print the job (`line`, default "<id> <status> (<type>)"; with --json and `wait`: once it has finished); with
+    `wait`, follow it to its end and exit with its code."""
     if not as_json:
-        click.echo(f"{job.id} {job.status} ({job.type})")
+        click.echo(line if line is not None else f"{job.id} {job.status} ({job.type})")
     if not wait:
         if as_json:
             emit(job.raw)
@@ -224,16 +224,7 @@ def jobs_pause(ctx: click.Context, job_id: str, as_json: bool) -> None:
 def jobs_resume(ctx: click.Context, job_id: str, wait: bool, as_json: bool) -> None:
     """Resume a paused job: queued again, it continues from its checkpoint (or with the prompts not done yet)."""
     job = state(ctx).client.jobs.resume(job_id)
-    if not as_json:
-        click.echo(f"{job.id} {job.status}")
-    if not wait:
-        if as_json:
-            emit(job.raw)
-        return
-    done, code = follow(state(ctx).client, job.id, live=state(ctx).progress)
-    if as_json:
-        emit(done.raw)
-    ctx.exit(code)
+    finish(ctx, job, as_json, wait, line=f"{job.id} {job.status}")
 
 
 @jobs.command("events")
