@@ -15,7 +15,7 @@ from jobs.db import session_scope
 from jobs.errors import BrokerUnavailable, Conflict, InvalidInput
 from jobs.models import Checkpoint, GenerationResult, Job, JobEvent
 from jobs.queue import enqueue
-from jobs.specs import JOB_SPEC
+from jobs.specs import JOB_SPEC, ResumeRequest
 from jobs.states import TERMINAL
 from jobs.submission import submit_job as submit
 from jobs.models import NAME_LENGTH
@@ -120,7 +120,7 @@ def submit_job():
         raise ApiError(409, exc.code, exc.message, "Idempotency-Key") from None
     if created:
         try:
-            enqueue(platform().celery, job.type, job.id)
+            enqueue(platform().celery, job.type, job.id, job.devices)
         except BrokerUnavailable:
             # The job is stored, and the database is the source of truth: the workers' reconciliation sends it
             # once the broker answers again (jobs.recovery). Say so in its events.
@@ -168,12 +168,16 @@ def pause_job(job_id: str):
 @jobs.post("/jobs/<job_id>/resume")
 def resume_job(job_id: str):
     """Resume a paused job: queued again, it continues from its checkpoint (training: the same losses as a run
-    never paused) or with the prompts not done yet (generation). 409 unless paused."""
+    never paused) or with the prompts not done yet (generation). Optional JSON `{"devices": N}`: a training job
+    continues on N devices (the same global batch; 422 when it does not split evenly). 409 unless paused."""
+    devices = None
+    if request.get_data():
+        devices = ResumeRequest.model_validate(json_body('the body ({"devices": N})')).devices
     with unit_of_work() as session:
-        job = repository.resume_job(session, owner(), job_id)
+        job = repository.resume_job(session, owner(), job_id, devices=devices)
         shown = job_object(job)
     try:
-        enqueue(platform().celery, job.type, job.id)
+        enqueue(platform().celery, job.type, job.id, job.devices)
     except BrokerUnavailable:  # stored as queued: the workers' reconciliation sends it once the broker answers
         log.warning("job %s resumed but not sent: the broker is unreachable", job.id)
     return shown

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from jobs.models import EVENT_LEVELS, EVENT_TYPES, FILE_PURPOSES, JOB_TYPES, MODEL_SOURCES, NAME_LENGTH
 from jobs.specs import JobSpec as JobRequest
-from jobs.specs import ResourceId
+from jobs.specs import ResourceId, ResumeRequest
 from jobs.states import STATUSES
 from jobs.text import NAME_PATTERN
 
@@ -235,7 +235,8 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "jobs.get_job": {"content": json_response("Job")},
     "jobs.cancel_job": {"content": json_response("Job")},
     "jobs.pause_job": {"content": json_response("Job")},
-    "jobs.resume_job": {"content": json_response("Job")},
+    "jobs.resume_job": {"content": json_response("Job"), "errors": ["415", "422"], "requestBody": {
+        "required": False, "content": {"application/json": {"schema": TypeAdapter(ResumeRequest).json_schema()}}}},
     "jobs.register_checkpoint": {
         "status": "201", "content": json_response("Model"), "errors": ["415", "422"],
         "responses": {"200": {"description": "This checkpoint was registered before: its model.",

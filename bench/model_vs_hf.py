@@ -1,12 +1,16 @@
 """gpt2core against transformers' GPT2LMHeadModel (sdpa attention), side by side in one run.
 
 Same random weights, same inputs. Prints tokens/s for each and the ratio (gpt2core / transformers):
-  - training: forward + backward + AdamW step, fp32 on CPU (bf16 autocast on CUDA);
+  - training: forward + backward + AdamW step; fp32 on CPU; on CUDA bf16 autocast, fused AdamW (both models) and
+    gpt2core under torch.compile (--compile, default on CUDA; transformers runs eager). Attention is
+    F.scaled_dot_product_attention with is_causal=True, which takes the flash kernel on CUDA (checked on CUDA).
+    Then the achieved model TFLOP/s (gpt2core.flops: 6N + 12·L·H·Q·T per token) and MFU against the device's
+    dense bf16 peak, looked up by its name (gpt2core.flops.PEAK_BF16) or given with --peak-tflops;
   - generation: 16 prompts of mixed lengths (8 to 200 tokens), 64 new tokens each, sampling
     (temperature 0.8, top-k 50, top-p 0.95); transformers runs one left-padded batched generate().
 
     python bench/model_vs_hf.py                   # gpt2 (124M) preset
-    python bench/model_vs_hf.py --preset gpt2 --train-batch 4 --train-seq 256 --repeats 3
+    python bench/model_vs_hf.py --preset gpt2 --train-batch 16 --train-seq 1024 --repeats 5   # MFU on a GPU
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2core import GPT2, GPT2Config, default_device
+from gpt2core.flops import achieved_tflops, find_peak, mfu, num_parameters, training_flops_per_token
 from gpt2core.generation import SamplingParams, generate
 from gpt2core.tokenizer import GPT2Tokenizer
 
@@ -40,12 +45,15 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_step_fn(model: torch.nn.Module, idx: torch.Tensor, device: torch.device, ours: bool):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def train_step_fn(model: torch.nn.Module, idx: torch.Tensor, device: torch.device, ours: bool, compile: bool = False):
+    # fused: one kernel for all parameters' updates on CUDA, as gpt2core's Trainer does (build_optimizer).
+    fused = True if device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
+    forward = torch.compile(model) if compile else model
 
     def step() -> None:
         with autocast(device):
-            loss = model(idx, targets=idx)[1] if ours else model(idx, labels=idx).loss
+            loss = forward(idx, targets=idx)[1] if ours else forward(idx, labels=idx).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -55,10 +63,14 @@ def train_step_fn(model: torch.nn.Module, idx: torch.Tensor, device: torch.devic
 
 def bench_training(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.device) -> tuple[float, float]:
     idx = torch.randint(0, 50257, (args.train_batch, args.train_seq), device=device)
-    steps = {"ours": train_step_fn(ours.train(), idx, device, True), "theirs": train_step_fn(theirs.train(), idx, device, False)}
-    for step in steps.values():  # warm-up: allocator, optimizer state, kernels
-        step()
-    times = {name: [] for name in steps}
+    steps = {
+        "ours": train_step_fn(ours.train(), idx, device, True, compile=args.compile),
+        "theirs": train_step_fn(theirs.train(), idx, device, False),
+    }
+    for step in steps.values():  # warm-up: allocator, optimizer state, kernels (and torch.compile's compilation)
+        for _ in range(2 if args.compile else 1):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         for name, step in steps.items():
             times[name].append(timed(step, device))
@@ -66,10 +78,42 @@ def bench_training(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.devi
     return tokens / min(times["ours"]), tokens / min(times["theirs"])
 
 
-def training_flops_per_token(model: GPT2, seq_len: int) -> float:
-    """nanoGPT's (PaLM appendix B) estimate: 6 per parameter plus attention, forward and backward."""
-    c = model.config
-    return 6 * model.num_parameters() + 12 * c.n_layer * c.n_embd * seq_len
+def check_flash_attention(model: GPT2, args, device: torch.device) -> str:
+    """Which fused attention kernel gpt2core's training forward can take: runs one bf16 forward and backward
+    allowed only the flash kernel (SDPA raises when flash cannot serve the call), then only memory-efficient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":
+        return "F.scaled_dot_product_attention(is_causal=True), PyTorch's CPU kernel (the CUDA flash kernel is checked on CUDA)"
+    idx = torch.randint(0, 50257, (1, args.train_seq), device=device)
+    for backend, name in ((SDPBackend.FLASH_ATTENTION, "flash"), (SDPBackend.EFFICIENT_ATTENTION, "memory-efficient")):
+        try:
+            with sdpa_kernel([backend]), autocast(device):
+                model(idx, targets=idx)[1].backward()
+        except RuntimeError as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"  ({name} attention unavailable: {first_line})")
+            continue
+        finally:
+            model.zero_grad(set_to_none=True)
+        return f"F.scaled_dot_product_attention(is_causal=True): {name} kernel"
+    return "F.scaled_dot_product_attention(is_causal=True): math kernel (no fused kernel for these inputs)"
+
+
+def peak_for(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """The peak TFLOP/s to compute MFU against, and where it came from (or why there is none)."""
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, (f"MFU not computed: the device is {device.type}, and gpt2core.flops' peak table has "
+                      "NVIDIA GPUs only (give --peak-tflops)")
+    name = torch.cuda.get_device_name(device)
+    row = find_peak(name)
+    if row is None:
+        return None, f"MFU not computed: no peak for {name!r} in gpt2core.flops.PEAK_BF16 (give --peak-tflops)"
+    if row.tflops is None:
+        return None, f"MFU not computed: {name} ({row.device}) has no bf16 tensor cores: {row.source}"
+    return row.tflops, f"{row.device} dense bf16 peak, {row.source}"
 
 
 def mixed_prompts(tok: GPT2Tokenizer, count: int = 16, shortest: int = 8, longest: int = 200) -> list[list[int]]:
@@ -118,7 +162,7 @@ def bench_generation(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.de
     with torch.inference_mode(), autocast(device):
         for run in runs.values():
             run()
-        times = {name: [] for name in runs}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 times[name].append(timed(run, device))
@@ -133,13 +177,20 @@ def main() -> None:
     parser.add_argument("--train-seq", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, to print MFU "
-                        "(H100 SXM bf16 dense: 989)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU, instead of the "
+                        "dense bf16 peak looked up by the device's name (gpt2core.flops.PEAK_BF16; H100 SXM: 989)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile gpt2core's training step (default: on CUDA only)")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
     args = parser.parse_args()
 
     device = default_device()
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as gpt2core's Trainer: fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     ours = GPT2(GPT2Config.preset(args.preset)).to(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,12 +200,21 @@ def main() -> None:
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else cpu}), "
           f"threads: {torch.get_num_threads()}, torch {torch.__version__}, preset {args.preset}")
     if not args.skip_training:
+        print(f"attention: {check_flash_attention(ours, args, device)}")
         a, b = bench_training(ours, theirs, args, device)
-        print(f"training   (B={args.train_batch}, T={args.train_seq}): gpt2core {a:9.1f} tok/s   "
+        setup = ("fp32" if device.type != "cuda" else "bf16 autocast, fused AdamW") + (
+            ", gpt2core compiled (transformers eager)" if args.compile else ", both eager")
+        print(f"training   (B={args.train_batch}, T={args.train_seq}; {setup}): gpt2core {a:9.1f} tok/s   "
               f"transformers {b:9.1f} tok/s   ratio {a / b:.2f}x")
-        achieved = a * training_flops_per_token(ours, args.train_seq) / 1e12
-        mfu = f", MFU {achieved / args.peak_tflops:.1%}" if args.peak_tflops else ""
-        print(f"gpt2core training: {achieved:.2f} TFLOP/s achieved{mfu}")
+        flops = training_flops_per_token(ours.config, args.train_seq)
+        n = num_parameters(ours.config, non_embedding=True)
+        print(f"model FLOPs per token: {flops / 1e9:.3f} GFLOP (6N + 12·L·H·Q·T, N = {n / 1e6:.2f}M without the "
+              f"position embedding, T = {args.train_seq})")
+        peak, why = peak_for(device, args.peak_tflops)
+        for label, tokens_per_second in (("gpt2core", a), ("transformers", b)):
+            utilization = f", MFU {mfu(tokens_per_second, flops, peak):.1%}" if peak else ""
+            print(f"{label} training: {achieved_tflops(tokens_per_second, flops):.4g} TFLOP/s achieved{utilization}")
+        print(f"peak: {peak} TFLOP/s ({why})" if peak else why)
     if not args.skip_generation:
         a, b = bench_generation(ours, theirs, args, device)
         print(f"generation (16 prompts, 8-200 tokens, {args.new_tokens} new): gpt2core {a:9.1f} tok/s   "

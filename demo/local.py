@@ -93,8 +93,8 @@ class LocalPlatform:
             # gunicorn.conf.py (read from ROOT) sets the worker class and threads.
             self.spawn("api", "gunicorn", "--bind", self.url.removeprefix("http://"), "api:create_app()")
             for n in range(self.workers):
-                self.spawn(f"worker{n + 1}", "celery", "-A", "workers", "worker", "--loglevel", "INFO", "--queues",
-                           "train,generate", "--concurrency", "1", "--hostname", f"worker{n + 1}@%h")
+                self.spawn(f"worker{n + 1}", "celery", "-A", "workers", "worker", "--loglevel", "INFO",
+                           "--concurrency", "1", "--hostname", f"worker{n + 1}@%h")
             self.wait_until_ready()
         except BaseException:
             self.stop()

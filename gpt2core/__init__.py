@@ -18,6 +18,10 @@ _EXPORTS = {
     "prepare_dataset": "data",
     "default_device": "device",
     "set_default_device": "device",
+    "DistributedContext": "distributed",
+    "init_distributed": "distributed",
+    "shutdown_distributed": "distributed",
+    "split_global_batch": "distributed",
     "Completion": "generation",
     "GenerationResult": "generation",
     "PromptTooLongError": "generation",
@@ -42,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "DatasetError",
+    "DistributedContext",
     "EvalResult",
     "GPT2",
     "GPT2Config",
@@ -58,9 +63,12 @@ __all__ = [
     "TrainingDiverged",
     "default_device",
     "generate",
+    "init_distributed",
     "load_dataset",
     "prepare_dataset",
     "set_default_device",
+    "shutdown_distributed",
+    "split_global_batch",
 ]
 
 if TYPE_CHECKING:
@@ -68,6 +76,7 @@ if TYPE_CHECKING:
     from .config import PRESETS, GPT2Config
     from .data import BatchLoader, DatasetError, load_dataset, prepare_dataset
     from .device import default_device, set_default_device
+    from .distributed import DistributedContext, init_distributed, shutdown_distributed, split_global_batch
     from .generation import Completion, GenerationResult, PromptTooLongError, SamplingParams, generate
     from .model import GPT2
     from .tokenizer import GPT2Tokenizer
@@ -76,7 +85,7 @@ if TYPE_CHECKING:
 
 
 # Submodules, reachable as attributes (gpt2core.hf) as they were when this package imported them all eagerly.
-_SUBMODULES = {"callbacks", "checkpoint", "config", "corpus", "data", "device", "generation", "hf", "model", "stopping",
+_SUBMODULES = {"callbacks", "checkpoint", "config", "corpus", "data", "device", "distributed", "generation", "hf", "model", "stopping",
                "tokenizer", "train", "train_config", "trainer_state"}
 
 

@@ -36,6 +36,25 @@ leaves the earlier checkpoints as they were. ``Trainer.resume()`` continues a
 run exactly: on CPU the resumed per-step losses equal the uninterrupted run's (dropout included, since the RNG
 states are restored). The trainer seeds torch, python ``random`` and numpy's global RNG with ``config.seed``
 when it is built.
+
+Data-parallel training: launch ``torchrun --nproc_per_node N your_script.py``, where the script calls
+``gpt2core.distributed.init_distributed()`` before building the Trainer (one process per GPU with nccl, or CPU
+processes with gloo). A Trainer built while a process group of N > 1 ranks is initialized trains the same run a
+single process would, N times wider: every rank draws the same loader batches, takes its contiguous share of the
+step's ``batch_size * grad_accum_steps`` windows (which must be a multiple of N; see
+:func:`gpt2core.distributed.split_global_batch`) and runs its forward/backward through
+``DistributedDataParallel``, which averages the gradients; the loss is counted over the whole step, so the
+losses, gradients, weights and checkpoints are those of one process (up to float rounding), and the loader's
+position does not depend on N. ``self.model`` stays the unwrapped model. Evaluations split the windows across
+the ranks and sum their results. Rank r seeds its RNGs with ``config.seed + r`` (rank 0 as one process would).
+Only rank 0 calls the callbacks and generates samples; its callbacks' ``should_stop`` decides for every rank
+(shared each step), and the divergence guard and early stopping see the same values on every rank, so all ranks
+stop at the same step. ``save_checkpoint`` is a collective (``fit`` calls it at the same points on every rank):
+rank 0 writes the usual checkpoint plus every rank's RNG state (``"rng_ranks"``) and ``"world_size"`` in
+trainer_state.pt; ``checkpoint_dir`` must be a folder every rank reads, as each loads it in ``resume``. A resume at
+the same world size is exact; at another one (one process included) the data and the loss curve continue the
+same (dropout defaults to 0), only dropout masks differ: rank 0 restores rank 0's RNG state and the other ranks
+are seeded from ``(config.seed + r, step)``.
 """
 from __future__ import annotations
 
@@ -54,6 +73,15 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, BatchLoader, eval_window_starts, masked_targets
 from .device import default_device
+from .distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    any_rank,
+    data_parallel,
+    gather_to_main,
+    rank_seed,
+    shard_batches,
+)
 from .model import GPT2
 from .stopping import EarlyStopping, LossWatchdog, TrainingDiverged
 # The Trainer's configuration, events and checkpoint files, each in a module of its own (names kept here too).
@@ -136,6 +164,7 @@ class Trainer:
         if train_data is None:
             raise ValueError("train_data is required")
         self.device = torch.device(config.device) if config.device is not None else default_device()
+        self.dist = DistributedContext.current()  # rank 0 of 1 unless a process group is initialized
         model_block = model.config.block_size
         self.block_size = config.block_size or model_block
         if self.block_size > model_block:
@@ -145,7 +174,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.callbacks = list(callbacks)
         self.tokenizer = tokenizer
-        seed_everything(config.seed)
+        seed_everything(config.seed + self.dist.rank)  # rank 0 (a single process) seeds with config.seed
 
         if val_data is None and val_mask is not None:
             raise ValueError("val_mask was given without val_data")
@@ -154,6 +183,13 @@ class Trainer:
         self.last_eval: EvalResult | None = None  # the last evaluate()'s loss, accuracy and target count
         if config.eval_every and self.val_loader is None:
             raise ValueError("TrainConfig.eval_every is set but no val_data was given")
+        self.batch_windows = getattr(self.train_loader, "batch_size", config.batch_size)  # per loader batch
+        step_windows = self.batch_windows * config.grad_accum_steps
+        if step_windows % self.dist.world_size:
+            raise ValueError(
+                f"TrainConfig.batch_size * TrainConfig.grad_accum_steps ({self.batch_windows} * "
+                f"{config.grad_accum_steps} = {step_windows} windows per step) must be a multiple of the world "
+                f"size ({self.dist.world_size}): every rank trains on an equal share of a step's windows")
 
         self.autocast_dtype: torch.dtype | None = None
         if config.dtype == "bfloat16" or (
@@ -165,7 +201,12 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.optimizer = build_optimizer(self.model, config, self.device)
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.forward_model = torch.compile(self.model) if config.compile else self.model  # evaluation
+        # Training's forward/backward: through DDP (gradients averaged over the ranks) on more than one process.
+        self.ddp_model = data_parallel(self.model, self.device) if self.dist.world_size > 1 else None
+        self.train_model = self.forward_model
+        if self.ddp_model is not None:
+            self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
         self.step = 0
         self.tokens_seen = 0
         self.last_train_loss: float | None = None
@@ -207,7 +248,11 @@ class Trainer:
         sum of their cross-entropies over their number, across all micro-batches; each micro-batch backpropagates
         its sum over that number, which is known before any forward pass (the batches do not depend on the
         model). A step without any counted target (all its windows inside prompts) changes no weight: it
-        reports loss 0.0, and the optimizer is not stepped."""
+        reports loss 0.0, and the optimizer is not stepped.
+
+        On N > 1 ranks, each trains on its share of the step's windows (``distributed.shard_batches``); its
+        micro-batches backpropagate their sum times N over the step's targets (DDP averages over the ranks), and
+        the loss and tokens reported are the whole step's, as on one process."""
         cfg = self.config
         t0 = time.perf_counter()
         self.model.train()
@@ -217,16 +262,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum_steps)]
         targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)  # counted across the whole step
+        tokens = sum(x.numel() for x, _ in batches)  # every rank's, the whole step's
+        micro_batches = shard_batches(batches, self.batch_windows, self.dist)  # this rank's (all on one process)
         loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for batch in batches:
-            x, y = self._to_device(*batch)
-            with self._autocast():
-                logits, _ = self.forward_model(x)
-                loss = target_loss_sum(logits, y)
-            (loss / max(targets, 1)).backward()
+        for i, batch in enumerate(micro_batches):
+            # DDP averages the gradients over the ranks once per step: in the last micro-batch's backward
+            ddp, last = self.ddp_model, i == len(micro_batches) - 1
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                x, y = self._to_device(*batch)
+                with self._autocast():
+                    logits, _ = self.train_model(x)
+                    loss = target_loss_sum(logits, y)
+                (loss * self.dist.world_size / max(targets, 1)).backward()
             loss_sum += loss.detach()
-            tokens += x.numel()
+        all_reduce_sum(loss_sum)  # the whole step's (a no-op on one process)
         max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if targets:
@@ -262,7 +311,10 @@ class Trainer:
 
         Also stores ``self.last_eval``: :class:`EvalResult` with that loss, the token accuracy (the fraction of
         counted targets equal to the argmax of their prediction) and the number of counted targets. ValueError
-        when the windows hold no counted target at all."""
+        when the windows hold no counted target at all.
+
+        On N > 1 ranks (a collective: every rank calls it), rank r scores windows ``r, r + N, ...`` and the sums
+        are added up over the ranks: every rank returns the same result."""
         if self.val_loader is None:
             raise ValueError("no val_data was given")
         data, T = self.val_loader.data, self.val_loader.block_size
@@ -272,8 +324,9 @@ class Trainer:
         self.model.eval()
         try:
             total, correct, tokens = torch.zeros((), dtype=torch.float64), 0, 0
-            for first in range(0, len(starts), self.config.batch_size):
-                batch = starts[first : first + self.config.batch_size]
+            mine = starts[self.dist.rank :: self.dist.world_size]  # all of them on one process
+            for first in range(0, len(mine), self.config.batch_size):
+                batch = mine[first : first + self.config.batch_size]
                 w = torch.from_numpy(np.stack([np.asarray(data[s : s + T + 1], dtype=np.int64) for s in batch]))
                 x, y = w[:, :-1], w[:, 1:]
                 if mask is not None:
@@ -287,6 +340,8 @@ class Trainer:
                     total += target_loss_sum(logits, y, torch.float64).cpu()
                 correct += int((logits.argmax(dim=-1) == y).sum())  # an ignored target (-100) never matches
                 tokens += count
+            sums = all_reduce_sum(torch.tensor([total.item(), correct, tokens], dtype=torch.float64))
+            total, correct, tokens = sums[0], int(sums[1]), int(sums[2])
             if not tokens:
                 raise ValueError(
                     f"evaluation has no target to score: every target of the validation split's {len(starts)} "
@@ -330,12 +385,39 @@ class Trainer:
 
         For a model wrapped by ``gpt2core.lora.apply_lora``, config.json + model.safetensors hold the merged weights
         (a plain GPT-2 checkpoint, the training model left as it is), ``adapter/`` the adapter in peft's format, and
-        trainer_state.pt also the LoRA settings (``"lora"``); the optimizer state covers the adapters only."""
+        trainer_state.pt also the LoRA settings (``"lora"``); the optimizer state covers the adapters only.
+
+        On N > 1 ranks a collective that every rank calls: rank 0 gathers every rank's RNG state, writes the
+        checkpoint (trainer_state.pt also holds ``"rng_ranks"``, the states by rank, and ``"world_size"``) and
+        prunes old ones; no rank returns before it is complete, and every rank returns its path. When rank 0's
+        write fails, it raises that error and the other ranks a RuntimeError."""
         if path is None:
             if self.config.checkpoint_dir is None:
                 raise ValueError("TrainConfig.checkpoint_dir is not set and no path was given")
             path = Path(self.config.checkpoint_dir) / checkpoint_name(self.step)
         final = Path(path)
+        rng_ranks = gather_to_main(_rng_state(self.device))  # [rank 0's, rank 1's, ...] on rank 0, else None
+        failure: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                self._write_checkpoint(final, rng_ranks)
+            except BaseException as exc:  # re-raised below, once the other ranks know
+                failure = exc
+        # Also the barrier: no rank goes on before rank 0 has written (or failed to write) the checkpoint.
+        if any_rank(failure is not None):
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank 0 failed to write checkpoint {final}")
+        self.last_checkpoint = final
+        # The validation loss of this step's own evaluation: a checkpoint between evaluations has none.
+        val_loss = self.last_val_loss if self._last_eval_step == self.step else None
+        self._emit("on_checkpoint", self.step, final, self.last_train_loss, val_loss)
+        return final
+
+    def _write_checkpoint(self, final: Path, rng_ranks: list[dict[str, Any]] | None) -> None:
+        """Write checkpoint folder `final` (atomically: a temporary folder renamed into place), then prune old
+        checkpoints. `rng_ranks`: every rank's RNG state, rank 0's first."""
+        assert rng_ranks is not None
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         try:
@@ -346,7 +428,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"step": self.step, "lr": self.config.lr_at(max(self.step - 1, 0))},
-                "rng": _rng_state(self.device),
+                "rng": rng_ranks[0],
                 "train_loader": self.train_loader.state_dict(),
                 "train_loss": self.last_train_loss,
                 "val_loss": self.last_val_loss,
@@ -357,6 +439,9 @@ class Trainer:
             }
             if lora is not None:
                 state["lora"] = lora
+            if self.dist.world_size > 1:
+                state["rng_ranks"] = rng_ranks
+                state["world_size"] = self.dist.world_size
             with open(tmp / STATE_FILE, "wb") as out:  # through Python's file: a failed write raises an OSError
                 torch.save(state, out)  # (as the RuntimeError's context) that names its errno, e.g. ENOSPC
             for file in sorted(p for p in tmp.rglob("*") if p.is_file()):  # adapter/ is a folder
@@ -374,10 +459,6 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.last_checkpoint = final
         self._prune_checkpoints(final.parent)
-        # The validation loss of this step's own evaluation: a checkpoint between evaluations has none.
-        val_loss = self.last_val_loss if self._last_eval_step == self.step else None
-        self._emit("on_checkpoint", self.step, final, self.last_train_loss, val_loss)
-        return final
 
     def _prune_checkpoints(self, root: Path) -> None:
         keep = self.config.keep_last_checkpoints
@@ -392,6 +473,10 @@ class Trainer:
 
         ``path`` is a checkpoint directory or a run directory (its latest checkpoint is used); default
         ``config.checkpoint_dir``. Returns the checkpoint directory used.
+
+        On N > 1 ranks every rank loads it. Rank r restores its own RNG state when the checkpoint was written at
+        the same world size (an exact resume); otherwise rank 0 restores rank 0's and the others are seeded from
+        ``(config.seed + r, step)``: the data and losses continue the same, only dropout masks differ.
         """
         if path is None:
             path = self.config.checkpoint_dir
@@ -426,11 +511,21 @@ class Trainer:
             self.watchdog.load_state_dict(state["watchdog"])
         if "early_stopping" in state:
             self.early_stopping.load_state_dict(state["early_stopping"])
-        _set_rng_state(state["rng"], self.device)
+        self._restore_rng(state)
         self.last_checkpoint = directory
         return directory
 
     load_checkpoint = resume
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """This rank's RNG states from a checkpoint's trainer state (see ``resume``)."""
+        by_rank = state.get("rng_ranks")
+        if by_rank is not None and int(state.get("world_size", 1)) == self.dist.world_size:
+            _set_rng_state(by_rank[self.dist.rank], self.device)
+        elif self.dist.is_main:
+            _set_rng_state(state["rng"], self.device)
+        else:
+            seed_everything(rank_seed(self.config.seed, self.dist.rank, self.step))
 
     def describe_parameters(self) -> str:
         """What trains, for a log line: "124,439,808 parameters", or for a LoRA model (gpt2core.lora)
@@ -478,15 +573,18 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def _emit(self, hook: str, *args: Any) -> None:
+        if not self.dist.is_main:  # on N > 1 ranks only rank 0 calls its callbacks
+            return
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(*args)
 
     def _should_stop(self) -> bool:
-        # Every callback is asked, so each sees the poll.
-        answers = [bool(cb.should_stop()) for cb in self.callbacks if hasattr(cb, "should_stop")]
-        return any(answers)
+        # Every callback is asked, so each sees the poll; on N > 1 ranks rank 0's decide for all (a collective).
+        callbacks = self.callbacks if self.dist.is_main else []
+        answers = [bool(cb.should_stop()) for cb in callbacks if hasattr(cb, "should_stop")]
+        return any_rank(any(answers))
 
     def _run_eval(self) -> bool:
         """Evaluate, tell the callbacks; True when this is the run's best validation loss so far."""
@@ -527,7 +625,7 @@ class Trainer:
             improved = False
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 improved = self._run_eval()
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.is_main:
                 self._emit("on_sample", self.step, self.sample())
             due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if (due or (improved and cfg.checkpoint_best)) and not self.watchdog.alarmed:
@@ -540,7 +638,7 @@ class Trainer:
                 self._run_eval()
         if cfg.checkpoint_dir is not None:
             current = Path(cfg.checkpoint_dir) / checkpoint_name(self.step)
-            if not (current / STATE_FILE).is_file():
+            if any_rank(self.dist.is_main and not (current / STATE_FILE).is_file()):  # rank 0 decides for all
                 self.save_checkpoint()
             else:
                 self.last_checkpoint = current

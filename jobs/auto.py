@@ -10,7 +10,9 @@ stored numbers, so a job always says what ran and a resumed run repeats itself.
 - batch_size: the global batch (windows per optimizer step) is OpenAI's default, about 0.2% of the examples,
   rounded to a power of two, between 1 and 256; it is split into the largest micro-batch the worker's device fits
   (on CUDA probed with a real forward and backward pass; on CPU at most CPU_MICRO_BATCH_TOKENS tokens) times
-  grad_accum_steps.
+  grad_accum_steps. On several devices each device takes an equal share of the global batch (rounded up to split
+  evenly): batch_size is then the micro-batch one device fits, and grad_accum_steps counts the micro-batches of
+  all devices (the Trainer's split, gpt2core.distributed.split_global_batch, gives each device that micro-batch).
 - learning_rate: the peak rate GPT-3 (Brown et al. 2020, table 2.1) trained each model size with, interpolated
   in log parameters (models under 125M parameters get up to 1e-3, as nanoGPT's small models); a full fine-tune
   uses a tenth of it, a LoRA fine-tune a third (LoRA's adapters start at zero and learn faster at higher rates;
@@ -88,13 +90,16 @@ def auto_learning_rate(parameters: int, method: Method) -> float:
 
 
 def resolve_auto(hyper: Hyperparameters, *, examples: int, parameters: int, method: Method,
-                 max_micro_batch: int) -> Hyperparameters:
-    """`hyper` with its "auto" values resolved and named in `auto` (unchanged when none is "auto")."""
+                 max_micro_batch: int, devices: int = 1) -> Hyperparameters:
+    """`hyper` with its "auto" values resolved and named in `auto` (unchanged when none is "auto"); the batch for
+    a job on `devices` devices, `max_micro_batch` being what one of them fits."""
     update: dict[str, object] = {}
     if hyper.n_epochs == "auto":
         update["n_epochs"] = float(auto_epochs(examples))
     if hyper.batch_size == "auto":
-        update["batch_size"], update["grad_accum_steps"] = split_batch(auto_global_batch(examples), max_micro_batch)
+        per_device = -(-auto_global_batch(examples) // devices)  # rounded up: every device takes an equal share
+        micro, accumulation = split_batch(per_device, max_micro_batch)
+        update["batch_size"], update["grad_accum_steps"] = micro, accumulation * devices
     if hyper.learning_rate == "auto":
         update["learning_rate"] = auto_learning_rate(parameters, method)
     if not update:

@@ -181,6 +181,12 @@ class Job(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     # How many times a worker was lost while running the job (its lease expired): at JOB_MAX_ATTEMPTS it fails.
     workers_lost: Mapped[int] = mapped_column(default=0)
+    # Devices (GPUs, or CPU processes) a training job runs on at once (jobs.specs.TrainSpec.devices; 1 for other
+    # jobs): its queue (jobs.queue.queue_for) and the workers that can take it follow from it.
+    devices: Mapped[int] = mapped_column(default=1, server_default="1")
+    # Since when the reconciliation has seen no live worker with `devices` devices (None: one exists, or nobody
+    # looked yet); after JOB_DEVICES_WAIT_SECONDS the job fails with "devices_unavailable" (jobs.recovery).
+    devices_wanted_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -265,3 +271,16 @@ class GenerationShard(Base):
     lease_expires_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Worker(Base):
+    """A live worker (one Celery worker's main process), as its sweeper last reported it: how many devices it
+    runs a job on, so a job that needs more than any live worker has is told so (jobs.recovery)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)  # "<hostname>:<pid>"
+    devices: Mapped[int]
+    device_type: Mapped[str] = mapped_column(String(16))  # "cuda" or "cpu"
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

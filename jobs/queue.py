@@ -31,12 +31,13 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from jobs.errors import BrokerUnavailable
-from jobs.settings import Settings
+from jobs.settings import MAX_DEVICES, Settings
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TASK_NAMES", "JOB_QUEUES", "QUEUES", "DEFAULT_QUEUE", "ENV_VARS", "BrokerUnavailable", "task_name", "queue_for",
+    "train_queue", "worker_queues",
     "visibility_timeout", "celery_config", "make_celery", "enqueue", "broker_reachable", "waiting_job_ids",
     "message_job_id",
 ]
@@ -48,11 +49,26 @@ TASK_NAMES: dict[str, str] = {
     "generate": "gpt2jobs.generate",
 }
 
-#: Job type -> queue. Training and fine-tuning share the "train" queue; generation has its own.
+#: Job type -> queue of its one-device jobs. Training and fine-tuning share the "train" queue; generation has its
+#: own. A training job on N > 1 devices goes to "train-N" (queue_for), which only workers with N or more consume.
 JOB_QUEUES: dict[str, str] = {"train": "train", "finetune": "train", "generate": "generate"}
 
-#: Every queue a worker may consume, in a stable order (``celery worker --queues train,generate``).
-QUEUES: tuple[str, ...] = ("train", "generate")
+
+def train_queue(devices: int) -> str:
+    """The queue of training and fine-tuning jobs on `devices` devices: "train", "train-2", ... "train-16"."""
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise ValueError(f"devices must be from 1 to {MAX_DEVICES}, got {devices!r}")
+    return "train" if devices == 1 else f"train-{devices}"
+
+
+def worker_queues(devices: int) -> tuple[str, ...]:
+    """The queues a worker with `devices` devices consumes (unless told otherwise with ``--queues``): the training
+    queues of every job that fits it (1 to `devices` devices), and generation."""
+    return tuple(train_queue(n) for n in range(1, devices + 1)) + ("generate",)
+
+
+#: Every queue, in a stable order: what the API declares and the reconciliation looks into.
+QUEUES: tuple[str, ...] = worker_queues(MAX_DEVICES)
 
 #: Where a message for a task name nobody routed would go (one the workers consume, unlike Celery's "celery").
 DEFAULT_QUEUE = "train"
@@ -75,8 +91,11 @@ def task_name(job_type: str) -> str:
         raise ValueError(f"unknown job type {job_type!r}; expected one of {sorted(TASK_NAMES)}") from None
 
 
-def queue_for(job_type: str) -> str:
+def queue_for(job_type: str, devices: int = 1) -> str:
+    """The queue of a job of `job_type` on `devices` devices (only training jobs run on more than one)."""
     task_name(job_type)  # same error for an unknown type
+    if devices != 1 and JOB_QUEUES[job_type] == "train":
+        return train_queue(devices)
     return JOB_QUEUES[job_type]
 
 
@@ -176,13 +195,14 @@ def make_celery(settings: Settings | None = None, environ: Mapping[str, str] | N
     return app
 
 
-def enqueue(celery_app: Celery, job_type: str, job_id: str | int) -> str:
-    """Send job ``job_id`` of ``job_type`` to its queue, by task name; returns the Celery task id.
+def enqueue(celery_app: Celery, job_type: str, job_id: str | int, devices: int = 1) -> str:
+    """Send job ``job_id`` of ``job_type`` on ``devices`` devices to its queue (queue_for), by task name; returns
+    the Celery task id.
 
     Raises ``ValueError`` for an unknown job type and ``BrokerUnavailable`` when the broker cannot be reached
     (within a few seconds: see ``CONNECT_TIMEOUT`` and ``PUBLISH_RETRY_POLICY``).
     """
-    name, queue = task_name(job_type), queue_for(job_type)
+    name, queue = task_name(job_type), queue_for(job_type, devices)
     try:
         result = celery_app.send_task(name, args=[job_id], queue=queue)
     except Exception as exc:  # kombu OperationalError, ChannelError, redis ConnectionError, OSError...

@@ -105,15 +105,15 @@ def _dispatch_due(now: datetime, redispatch_seconds: float):
 
 
 def jobs_to_dispatch(session: Session, redispatch_seconds: float, now: datetime | None = None,
-                     limit: int = 500) -> list[tuple[str, str]]:
-    """(job_id, type) of queued jobs whose last message was sent more than `redispatch_seconds` ago (or never),
+                     limit: int = 500) -> list[tuple[str, str, int]]:
+    """(job_id, type, devices) of queued jobs whose last message was sent more than `redispatch_seconds` ago (or never),
     oldest first: the candidates for a new message, if none waits in the broker."""
     now = _now(now)
     rows = session.execute(
-        select(Job.id, Job.type).where(_dispatch_due(now, redispatch_seconds))
+        select(Job.id, Job.type, Job.devices).where(_dispatch_due(now, redispatch_seconds))
         .order_by(Job.created_at, Job.id).limit(limit)
     ).all()
-    return [(row.id, row.type) for row in rows]
+    return [(row.id, row.type, row.devices) for row in rows]
 
 
 def mark_dispatched(session: Session, job_id: str, redispatch_seconds: float, message: str,

@@ -244,6 +244,7 @@ def create_job(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    devices: int = 1,
 ) -> tuple[Job, bool]:
     """A new queued job, or, when `idempotency_key` was used before by this owner with the same
     `request_hash`, the original job. Returns (job, created); enqueue only when created.
@@ -289,6 +290,7 @@ def create_job(
         progress=progress,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        devices=devices,
     )
     try:
         with session.begin_nested():
@@ -358,17 +360,37 @@ def pause_job(session: Session, owner: str, job_id: str) -> Job:
     return job
 
 
-def resume_job(session: Session, owner: str, job_id: str, now: datetime | None = None) -> Job:
+def resume_job(session: Session, owner: str, job_id: str, now: datetime | None = None,
+               devices: int | None = None) -> Job:
     """paused: queued again, marked as sent now (the caller sends its message after the commit; if that fails,
     the workers' reconciliation sends one): it continues from its last checkpoint, or with its remaining shards.
-    Any other status: Conflict (a pausing job can be resumed once it is paused)."""
+    `devices`: a training job continues on that many devices (InvalidRequest when its global batch does not split
+    across them, or for a generate job). Any other status: Conflict (a pausing job can be resumed once it is
+    paused)."""
+    from jobs.specs import TrainSpec, check_batch_split, job_spec
+
     job = _get_owned(session, Job, owner, job_id, "job", for_update=True)
     if job.status != PAUSED:
         hint = "; resume it once it is paused" if job.status == PAUSING else ""
         raise Conflict(f"Job {job_id!r} cannot be resumed: it is {job.status}, not paused{hint}", param=None)
+    moved = ""
+    if devices is not None and devices != job.devices:
+        spec = job_spec(job)
+        if not isinstance(spec, TrainSpec):
+            raise InvalidRequest("devices: only training and fine-tuning jobs run on several devices; a generate "
+                                 "job's shards spread over the workers by themselves", param="devices")
+        try:
+            check_batch_split(spec.hyperparameters, devices)
+        except ValueError as exc:
+            raise InvalidRequest(f"devices: {exc}", param="devices") from None
+        moved = f" on {devices} device{'s' * (devices != 1)} (it ran on {job.devices})"
+        job.params = {**job.params, "devices": devices}
+        job.devices = devices
+        job.devices_wanted_since = None
     transition(job, QUEUED)
     job.dispatched_at = now or _utcnow()
-    add_event(session, job.id, "Resume requested: the job is back in the queue", data={"status": QUEUED})
+    add_event(session, job.id, f"Resume requested{moved}: the job is back in the queue",
+              data={"status": QUEUED, "devices": job.devices})
     return job
 
 

@@ -11,6 +11,9 @@ DEFAULT_VAR = Path("var")
 
 #: The most checkpoints a job may keep (the KEEP_CHECKPOINTS setting and hyperparameters.keep_checkpoints alike).
 KEEP_CHECKPOINTS_MAX = 1000
+#: The most devices one job may run on (jobs.specs.TrainSpec.devices) and one worker may own (WORKER_DEVICES): a
+#: host's GPUs (8 on most, 16 on the largest).
+MAX_DEVICES = 16
 
 
 def integer_setting(env: Mapping[str, str], variable: str, default: int, low: int = 1, high: int | None = None) -> int:
@@ -44,6 +47,8 @@ class Settings:
     event_streams: int
     event_stream_seconds: int
     metrics_token: str | None
+    worker_devices: int | None
+    job_devices_wait_seconds: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -85,6 +90,13 @@ class Settings:
             # When set, GET /metrics (Prometheus) needs `Authorization: Bearer <this>`; unset (or empty), it is
             # open, as Prometheus expects: keep it private at the proxy or the bind then (README, "Monitoring").
             metrics_token=env.get("METRICS_TOKEN") or None,
+            # Devices this worker runs one job on (its GPUs, or CPU processes on a machine without any): a job with
+            # `devices` up to this many is routed to it (jobs.queue.worker_queues). Unset: the GPUs it sees (CUDA's
+            # device count, within CUDA_VISIBLE_DEVICES), or 1 without a GPU.
+            worker_devices=integer_setting(env, "WORKER_DEVICES", 0, high=MAX_DEVICES) or None,
+            # A queued job that asks for more devices than any live worker has is told so in an event at once, and
+            # fails ("devices_unavailable") when none with enough has come for this long.
+            job_devices_wait_seconds=integer_setting(env, "JOB_DEVICES_WAIT_SECONDS", 3600),
         )
 
     @property

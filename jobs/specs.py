@@ -29,7 +29,7 @@ from gpt2core.config import GPT2_VOCAB_SIZE  # torch-free: the tokenizer's vocab
 from gpt2core.config import GPT2_LINEAR_MODULES, LORA_DEFAULT_TARGET_MODULES  # torch-free: LoRA's target names
 from jobs.errors import InvalidInput
 from jobs.models import ID_LENGTH, Job
-from jobs.settings import KEEP_CHECKPOINTS_MAX
+from jobs.settings import KEEP_CHECKPOINTS_MAX, MAX_DEVICES
 
 #: GPT-2's released shapes: the names of gpt2core.config.PRESETS (a test keeps them equal).
 PresetName = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
@@ -232,6 +232,16 @@ class Sampling(Strict):
         return found
 
 
+def check_batch_split(hyper: Hyperparameters, devices: int) -> None:
+    """ValueError unless a step's global batch (batch_size x grad_accum_steps windows) splits evenly across
+    `devices` (a batch_size "auto" is chosen to split: jobs.auto)."""
+    if isinstance(hyper.batch_size, int) and (hyper.batch_size * hyper.grad_accum_steps) % devices:
+        windows = hyper.batch_size * hyper.grad_accum_steps
+        raise ValueError(f"a step's global batch, hyperparameters.batch_size {hyper.batch_size} x grad_accum_steps "
+                         f"{hyper.grad_accum_steps} = {windows} windows, does not split evenly across {devices} "
+                         f"devices; give batch_size x grad_accum_steps a multiple of {devices}")
+
+
 def trained_model_name(base_name: str, suffix: str | None, job_id: str) -> str:
     """"<base>:<suffix>", the suffix defaulting to the job id's first 8 hex digits."""
     return f"{base_name}:{suffix or job_id.removeprefix('job-')[:8]}"
@@ -243,11 +253,24 @@ class TrainSpec(Strict):
     validation_file: ResourceId | None = None
     model: ModelChoice = "gpt2"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    devices: int = Field(default=1, ge=1, le=MAX_DEVICES, description="Devices the job trains on at once, "
+                         "data-parallel (torch.distributed DDP): GPUs, or processes on a worker without a GPU. The "
+                         "hyperparameters stay global: one step is batch_size x grad_accum_steps windows, split evenly "
+                         "across the devices, so the loss curve is the same on any count. Only workers with at least "
+                         "this many devices take the job.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Fixes the initial weights, the data "
                              "order and dropout. Default: drawn at submission.")
     suffix: str | None = Field(default=None, max_length=SUFFIX_MAX, pattern=r"^[A-Za-z0-9_.-]+$",
                                description="The trained model is named '<base>:<suffix>'.")
     metadata: Metadata = Field(default_factory=dict)
+
+    @field_validator("devices")
+    @classmethod
+    def batch_splits_across_devices(cls, value: int, info: ValidationInfo) -> int:
+        hyper = info.data.get("hyperparameters")
+        if isinstance(hyper, Hyperparameters):
+            check_batch_split(hyper, value)
+        return value
 
     def model_name(self, base_name: str, job_id: str) -> str:
         """The name of the model this job registers: "<base>:<suffix>" (suffix default: the job id's first 8)."""
@@ -326,6 +349,14 @@ class GenerateSpec(Strict):
         if "prompts" in info.data and (info.data["prompts"] is None) == (value is None):
             raise ValueError("give exactly one of prompts or input_file")
         return value
+
+
+class ResumeRequest(Strict):
+    """What POST /v1/jobs/{id}/resume may change: the devices a paused training job continues on (the same global
+    batch, split across the new count; it must split evenly)."""
+
+    devices: int | None = Field(default=None, ge=1, le=MAX_DEVICES, description="Continue on this many devices "
+                                "(default: as before). Training and fine-tuning jobs only.")
 
 
 AnySpec = Union[TrainSpec, FinetuneSpec, GenerateSpec]

@@ -5,6 +5,8 @@ running -> succeeded | failed | cancelling | queued   (queued: its worker died, 
                                                        the job waits for the next worker and resumes)
 cancelling -> cancelled | succeeded | failed          (the worker may finish before it notices the cancel)
 queued -> paused                                      (paused before a worker took it)
+queued -> failed                                      (no live worker has the devices it asks for, for
+                                                       JOB_DEVICES_WAIT_SECONDS: jobs.placement)
 running -> pausing -> paused                          (its worker writes a checkpoint, or its generation shards
                                                        finish, and frees itself)
 pausing -> cancelling | succeeded | failed            (cancelled while pausing; or the run ended first)
@@ -32,7 +34,7 @@ PAUSED = "paused"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED, PAUSING, PAUSED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ALLOWED: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({RUNNING, CANCELLED, PAUSED}),
+    QUEUED: frozenset({RUNNING, CANCELLED, PAUSED, FAILED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLING, QUEUED, PAUSING}),
     CANCELLING: frozenset({CANCELLED, SUCCEEDED, FAILED}),
     PAUSING: frozenset({PAUSED, CANCELLING, SUCCEEDED, FAILED}),

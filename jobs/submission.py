@@ -44,6 +44,7 @@ def submit_job(session: Session, owner: str, spec: AnySpec, *, max_inline_prompt
     job, created = repository.create_job(
         session, owner, spec.type, stored_params(spec), **refs, metadata=spec.metadata,
         idempotency_key=idempotency_key, request_hash=request_hash,
+        devices=spec.devices if isinstance(spec, TrainSpec) else 1,
     )
     if created:
         model = session.get(Model, job.base_model_id) if job.base_model_id else None

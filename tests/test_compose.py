@@ -114,10 +114,12 @@ def test_api_command(compose):
 
 
 def test_worker_command_consumes_the_queues(compose):
+    """No --queues: a worker consumes the queues of the jobs its devices fit (jobs.queue.worker_queues)."""
     worker = compose["services"]["worker"]
     argv = _command(worker)
     assert argv[:4] == ["celery", "-A", "workers", "worker"]
-    assert set(_option(argv, "--queues", "-Q").split(",")) == set(queue.QUEUES)
+    assert "--queues" not in argv and "-Q" not in argv
+    assert queue.worker_queues(1) == ("train", "generate")
     assert _option(argv, "--concurrency", "-c") == "1"
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)

@@ -22,6 +22,7 @@ from jobs.queue import (
     queue_for,
     visibility_timeout,
     waiting_job_ids,
+    worker_queues,
 )
 from jobs.settings import Settings
 
@@ -37,10 +38,21 @@ def test_routing():
     assert queue_for("train") == "train"
     assert queue_for("finetune") == "train"
     assert queue_for("generate") == "generate"
-    assert set(JOB_QUEUES.values()) == set(QUEUES)
+    assert set(JOB_QUEUES.values()) <= set(QUEUES)
     assert DEFAULT_QUEUE in QUEUES
     with pytest.raises(ValueError):
         queue_for("nope")
+
+
+def test_a_job_on_several_devices_goes_to_the_queue_only_workers_with_as_many_consume():
+    assert queue_for("train", 2) == queue_for("finetune", 2) == "train-2"
+    assert queue_for("generate", 2) == "generate"  # generation spreads over workers by its shards
+    assert worker_queues(1) == ("train", "generate")
+    assert worker_queues(4) == ("train", "train-2", "train-3", "train-4", "generate")
+    assert QUEUES == worker_queues(16) and "train-16" in QUEUES
+    for bad in (0, 17):
+        with pytest.raises(ValueError):
+            queue_for("train", bad)
 
 
 def test_task_routes_map_names_to_queues(redis_settings):
@@ -49,6 +61,7 @@ def test_task_routes_map_names_to_queues(redis_settings):
     assert routes == {TASK_NAMES[t]: {"queue": JOB_QUEUES[t]} for t in TASK_NAMES}
     assert app.conf.task_default_queue == DEFAULT_QUEUE
     assert {q.name for q in app.conf.task_queues} == set(QUEUES)
+    assert app.amqp.router.route({"queue": queue_for("train", 2)}, TASK_NAMES["train"])["queue"].name == "train-2"
     for job_type, name in TASK_NAMES.items():
         assert app.amqp.router.route({}, name)["queue"].name == JOB_QUEUES[job_type]
 
@@ -153,6 +166,8 @@ def test_waiting_job_ids_on_redis_lists_queued_messages_only(redis_settings, red
     assert waiting_job_ids(app) == {"job-a", "job-b"}
     redis_client.delete("train")  # a purged queue, a broker restarted empty
     assert waiting_job_ids(app) == {"job-b"}
+    enqueue(app, "train", "job-c", 2)  # a job on two devices waits in a queue of its own
+    assert redis_client.llen("train-2") == 1 and waiting_job_ids(app) == {"job-b", "job-c"}
 
 
 def test_waiting_job_ids_on_the_filesystem_broker(tmp_path):

@@ -4,11 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import warnings
 
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutting_down
 
 from jobs.queue import make_celery
 from jobs.settings import Settings
@@ -25,32 +23,22 @@ HAND_BACK_SIGNAL = signal.SIGUSR2
 warnings.filterwarnings("ignore", message=".*cancel_long_running_tasks_on_connection_loss.*")
 
 
-_DEVICE_PROBE = """
-import torch
-if torch.cuda.is_available():
-    n = torch.cuda.device_count()
-    names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
-    print(f"cuda ({n} GPU(s): {names}; torch {torch.__version__})")
-else:
-    print(f"cpu (no CUDA device visible; torch {torch.__version__})")
-"""
+@celeryd_init.connect
+def _choose_queues(sender=None, instance=None, options=None, **_kwargs) -> None:
+    """Before the worker consumes anything: find its devices (workers.devices; a WORKER_DEVICES it cannot honour
+    stops it here) and, unless --queues names them, consume the queues of every job that fits them
+    (jobs.queue.worker_queues: "train" ... "train-N" and "generate")."""
+    from jobs.queue import worker_queues
+    from workers.devices import publish, worker_devices
 
-
-def describe_device(timeout: float = 120.0) -> str:
-    """The compute device jobs will run on, e.g. "cuda (1 GPU(s): NVIDIA H100; torch 2.13.0)" or "cpu (...)".
-
-    Probed in a child interpreter: initialising CUDA in the worker's main process would break CUDA in the
-    pool processes it forks later. Never raises: a missing or broken torch is reported, not fatal.
-    """
     try:
-        probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE], capture_output=True, text=True,
-                               timeout=timeout)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown (device probe failed: {exc})"
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"unknown (torch not usable: {last})"
-    return probe.stdout.strip()
+        devices = worker_devices(Settings.from_env())
+    except ValueError as exc:  # a WORKER_DEVICES that cannot take effect: the worker does not start
+        log.critical("%s", exc)
+        raise SystemExit(f"worker not started: {exc}") from None
+    publish(devices)  # the pool processes (and the training processes they start) read it from the environment
+    if instance is not None and not (options or {}).get("queues"):
+        instance.app.amqp.queues.select(worker_queues(devices.count))
 
 
 @worker_ready.connect
@@ -60,12 +48,15 @@ def _log_start(sender=None, **_kwargs) -> None:
         queues = ", ".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
     except Exception:
         pass
-    device = describe_device()
+    from workers.devices import worker_devices
+
+    devices = worker_devices()
+    device = devices.description
     forced = os.environ.get("GPT2CORE_DEVICE")
     if forced:
         device += f"; GPT2CORE_DEVICE={forced} overrides it for jobs"
-    log.info("worker ready: device %s; consuming queues: %s; broker %s",
-             device, queues, sender.app.connection_for_read().as_uri())
+    log.info("worker ready: device %s; runs a job on up to %d device(s) (WORKER_DEVICES); consuming queues: %s; "
+             "broker %s", device, devices.count, queues, sender.app.connection_for_read().as_uri())
     from workers.runtime import runtime
     from workers.sweeper import start_sweeper
 
@@ -89,11 +80,24 @@ def _hand_back_jobs(sig=None, how=None, **_kwargs) -> None:
     from workers.runtime import SHUTTING_DOWN
 
     SHUTTING_DOWN.set()  # the solo pool runs jobs in this process
+    _forget_this_worker()
     for pid in _pool_pids():
         try:
             os.kill(pid, HAND_BACK_SIGNAL)
         except ProcessLookupError:
             pass
+
+
+def _forget_this_worker() -> None:
+    """This worker no longer counts as live for placement (jobs.placement); best effort."""
+    try:
+        from jobs.placement import forget_worker
+        from workers.runtime import runtime
+
+        with runtime().transaction() as session:
+            forget_worker(session, runtime().worker_id)
+    except Exception:
+        log.warning("could not remove this worker from the live workers", exc_info=True)
 
 
 @worker_process_init.connect

@@ -173,11 +173,12 @@ class LeaseKeeper:
 
 
 class JobFailure(Exception):
-    """A failure with an error code a user can act on (the job ends failed with this error)."""
+    """A failure with an error code a user can act on (the job ends failed with this error). `reference`: the id
+    under which an internal error was logged (by a training process of a job on several devices)."""
 
-    def __init__(self, code: str, message: str, param: str | None = None):
+    def __init__(self, code: str, message: str, param: str | None = None, reference: str | None = None):
         super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+        self.code, self.message, self.param, self.reference = code, message, param, reference
 
 
 #: An absolute path of two or more parts, but not an API route (/v1/...), which a message may name on purpose.
@@ -201,6 +202,8 @@ def error_for(exc: BaseException, job_id: str, paths: dict[str, str] | None = No
 
     if isinstance(exc, JobFailure):
         error = {"code": exc.code, "message": user_message(exc.message, paths), "param": exc.param}
+        if exc.reference is not None:
+            error["reference"] = exc.reference
     elif disk_full_error(exc) is not None:  # what the job was writing is named where it is known (JobFailure)
         error = {"code": "disk_full", "message": "The server's disk is full, so the job could not write its data. The "
                  "operators must free disk space before the job is submitted again.", "param": None}

@@ -17,11 +17,12 @@ import time
 from sqlalchemy import text
 from dataclasses import dataclass, field
 
-from jobs import recovery
+from jobs import placement, recovery
 from jobs.errors import BrokerUnavailable
 from jobs.queue import enqueue, waiting_job_ids
 
 from . import cleanup
+from .devices import worker_devices
 from .runtime import Runtime
 
 log = logging.getLogger("workers.sweeper")
@@ -51,11 +52,20 @@ def sweep(rt: Runtime) -> Sweep:
         log.warning("job %s: its worker stopped renewing the lease", job_id)
     with rt.transaction() as session:
         shards = recovery.lost_shards(session)
+
     for job_id, index in shards:
         with rt.transaction() as session:
             if recovery.recover_lost_shard(session, job_id, index, settings.job_max_attempts):
                 done.shards.append((job_id, index))
         log.warning("job %s: shard %d's worker stopped renewing its lease", job_id, index)
+
+    devices = worker_devices(settings)  # this worker is live, with its devices; jobs that fit no live worker
+    with rt.transaction() as session:  # are told so, and fail after JOB_DEVICES_WAIT_SECONDS
+        placement.record_worker(session, rt.worker_id, devices.count, devices.type, settings.job_lease_seconds)
+    with rt.transaction() as session:
+        placed = placement.check_placement(session, settings.job_lease_seconds, settings.job_devices_wait_seconds)
+    for job_id in placed.failed:
+        log.warning("job %s: no worker with its devices came; failed", job_id)
 
     with rt.transaction() as session:
         due = recovery.jobs_to_dispatch(session, settings.job_redispatch_seconds)
@@ -63,7 +73,7 @@ def sweep(rt: Runtime) -> Sweep:
         return done
     # A message a worker took within the last lease counts as waiting: it claims the job, or puts the message back.
     waiting = waiting_job_ids(rt.celery, taken_within=settings.job_lease_seconds)
-    for job_id, job_type in due:
+    for job_id, job_type, devices in due:
         if waiting is not None and job_id in waiting:
             continue  # its message waits for a free worker: one is enough
         if job_id in done.requeued:
@@ -78,7 +88,7 @@ def sweep(rt: Runtime) -> Sweep:
             with rt.transaction() as session:
                 if not recovery.mark_dispatched(session, job_id, settings.job_redispatch_seconds, message):
                     continue
-                enqueue(rt.celery, job_type, job_id)  # in the transaction: a failed send leaves the job due
+                enqueue(rt.celery, job_type, job_id, devices)  # in the transaction: a failed send leaves the job due
         except BrokerUnavailable as exc:
             log.warning("could not send job %s again: %s; trying on the next pass", job_id, exc)
             break

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from gpt2core import GPT2, Trainer
 from gpt2core.batch_probe import largest_micro_batch
+from gpt2core.data import PreparedDataset
 from gpt2core.device import default_device
 from gpt2core.stopping import TrainingDiverged
 from gpt2core.train import checkpoint_name, latest_checkpoint
@@ -26,12 +27,15 @@ from jobs.errors import BrokerUnavailable, DomainError
 from jobs.models import Checkpoint, File, Job, Model
 from jobs.queue import enqueue
 from jobs.readers import HELD_OUT_FRACTION, is_jsonl
-from jobs.specs import PERIODIC, FinetuneSpec, TrainSpec, job_spec
+from jobs.specs import PERIODIC, FinetuneSpec, LoraMethod, TrainSpec, job_spec
 from jobs.storage import disk_full_error
 from jobs.states import CANCELLED, FAILED, PAUSED, QUEUED, SUCCEEDED
 
-from .convert import model_config, new_model, train_config
+from .convert import lora_settings, model_config, train_config
 from .datasets import prepared
+from .devices import worker_devices
+from .distributed import Supervisor
+from .launch import ModelSource, TrainingLaunch
 from .reporting import CheckpointRetention, JobReporter
 from .runtime import ACTIVE_JOBS, JobFailure, LeaseKeeper, Runtime, error_for, is_infrastructure_error
 
@@ -48,28 +52,21 @@ def total_steps(spec: TrainSpec, train_tokens: int, block_size: int) -> int:
     return max(1, math.ceil(hyper.n_epochs * train_tokens / per_step))
 
 
-def build_model(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[GPT2, str]:
-    """The model to train and the base of its name: a preset or shape from scratch (initial weights drawn from
-    the job's seed), or a registered model; for method "lora", that model wrapped with peft's LoRA adapters
-    (gpt2core.lora.apply_lora: a PeftModel that forwards GPT2's attributes), drawn from the job's seed. After a
-    restart this runs again, so the Trainer resumes on the same base with fresh adapters and loads the saved ones."""
+def model_source(rt: Runtime, job: Job, spec: TrainSpec) -> tuple[ModelSource, str]:
+    """Where the model to train comes from, and the base of its name: a preset or shape from scratch (initial
+    weights drawn from the job's seed), or a registered model; for method "lora", that model wrapped with peft's
+    LoRA adapters (gpt2core.lora.apply_lora), drawn from the job's seed. After a restart this runs again, so the
+    Trainer resumes on the same base with fresh adapters and loads the saved ones. Every training process of a
+    job on several devices builds the same model from it (workers.launch)."""
+    assert spec.seed is not None  # drawn at submission
     if isinstance(spec, FinetuneSpec):
         base = rt.persist(lambda session: session.get(Model, job.base_model_id)) if job.base_model_id else None
         if base is None or not Path(base.storage_path, "config.json").is_file():
             raise JobFailure("model_not_found", f"The base model {spec.model!r} no longer exists.", "model")
-        model = GPT2.from_pretrained(base.storage_path)
-        if spec.method.type == "lora":
-            from gpt2core.lora import apply_lora  # peft (and transformers) only for LoRA jobs
-            from jobs.specs import LoraMethod
-
-            from .convert import lora_settings
-
-            assert isinstance(spec.method, LoraMethod) and spec.seed is not None  # seed: drawn at submission
-            return apply_lora(model, lora_settings(spec.method), seed=spec.seed), base.name  # type: ignore[return-value]
-        return model, base.name
-    assert spec.seed is not None  # drawn at submission
+        lora = lora_settings(spec.method).to_dict() if isinstance(spec.method, LoraMethod) else None
+        return ModelSource(seed=spec.seed, pretrained=base.storage_path, lora=lora), base.name
     name = spec.model if isinstance(spec.model, str) else spec.model.name
-    return new_model(model_config(spec.model), spec.seed), name
+    return ModelSource(seed=spec.seed, config=model_config(spec.model).to_dict()), name
 
 
 def register_model(rt: Runtime, job: Job, spec: TrainSpec, model: GPT2, base_name: str) -> str:
@@ -141,6 +138,13 @@ def run_training(rt: Runtime, job_id: str) -> None:
     on another worker, when this worker shuts down or loses the database or broker (never failing it for that).
     """
     lease_seconds = rt.settings.job_lease_seconds
+    have = worker_devices(rt.settings).count
+    with rt.transaction() as session:
+        wanted = session.scalar(select(Job.devices).where(Job.id == job_id))
+    if wanted is not None and wanted > have:  # only a worker told --queues beyond its devices gets here
+        log.error("job %s needs %d devices, this worker has %d (WORKER_DEVICES); leaving it queued for a worker "
+                  "that has them: do not name queue train-%d in this worker's --queues", job_id, wanted, have, wanted)
+        return
     with rt.transaction() as session:
         job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds,
                                   max_attempts=rt.settings.job_max_attempts,
@@ -192,7 +196,7 @@ def run_training(rt: Runtime, job_id: str) -> None:
             return
     if send:
         try:
-            enqueue(rt.celery, job.type, job_id)
+            enqueue(rt.celery, job.type, job_id, job.devices)
         except BrokerUnavailable:  # the sweeper sends it once the broker answers
             log.warning("job %s: handed back, but the broker is unreachable; the sweeper will send it", job_id)
     log.info("job %s: %s", job_id, status)
@@ -211,7 +215,8 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
         # the validation tokens and their loss mask (None: every token a target), aligned
         val_tokens, val_mask = ((validation.train, validation.train_mask) if validation is not None
                                 else (dataset.val, dataset.val_mask))
-    model, base_name = build_model(rt, job, spec)
+    source, base_name = model_source(rt, job, spec)
+    model = source.build()
     block_size = model.config.block_size
     if dataset.train.size <= block_size:
         raise JobFailure("invalid_file", f"The training file has {dataset.train.size} training tokens; the model "
@@ -239,32 +244,49 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     if job.attempts == 1:
         for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
             reporter.event(message, level="warning")
-    trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, [reporter, retention_policy],
-                      train_mask=dataset.train_mask, val_mask=val_mask if has_val else None)
-    resume_from = latest_checkpoint(config.checkpoint_dir)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        reporter.event(f"Resumed from the checkpoint at step {trainer.step}")
-    else:
-        reporter.event(f"Training {trainer.describe_parameters()} for {steps} steps on {trainer.device}; "
-                       f"{dataset.train.size:,} training tokens")
-    with full_disk_fails_job(lambda: f"the checkpoint at step {trainer.step}", rt.artifacts.checkpoint_dir(job.id)):
-        try:
-            result = trainer.fit()
-        except TrainingDiverged as exc:
-            reporter.flush()
-            raise diverged(rt, job.id, exc, config.checkpoint_dir) from None
+    callbacks = [reporter, retention_policy]
+    trained: GPT2 | None = None  # the model in memory when it trained in this process
+    try:
+        if spec.devices > 1:  # torchrun's processes train it; the model is in its last checkpoint
+            del model
+            launch = TrainingLaunch(job_id=job.id, devices=spec.devices, model=source, config=config.to_dict(),
+                                    train_dir=str(dataset.path), **validation_source(dataset, validation, has_val),
+                                    user_paths=user_paths(training_file, validation_file))
+            supervisor = Supervisor(launch, worker_devices(rt.settings).type, callbacks,
+                                    events=lambda message, level: reporter.event(message, level=level),
+                                    stop_requested=lambda: lease.should_stop,
+                                    max_restarts=rt.settings.job_max_attempts)
+            result = supervisor.run()
+        else:
+            trainer = Trainer(model, config, dataset.train, val_tokens if has_val else None, callbacks,
+                              train_mask=dataset.train_mask, val_mask=val_mask if has_val else None)
+            resume_from = latest_checkpoint(config.checkpoint_dir)
+            if resume_from is not None:
+                trainer.resume(resume_from)
+                reporter.event(f"Resumed from the checkpoint at step {trainer.step}")
+            else:
+                reporter.event(f"Training {trainer.describe_parameters()} for {steps} steps on {trainer.device}; "
+                               f"{dataset.train.size:,} training tokens")
+            with full_disk_fails_job(lambda: f"the checkpoint at step {trainer.step}", config.checkpoint_dir):
+                result = trainer.fit()
+            trained = model
+    except TrainingDiverged as exc:
+        reporter.flush()
+        raise diverged(rt, job.id, exc, config.checkpoint_dir) from None
     if result.stopped:
         if lease.cancelling or lease.lost:
             return CANCELLED, None, None, reporter
         if lease.pausing:
-            return PAUSED, {"step": trainer.step}, None, reporter
-        reason = f"the worker is shutting down (a checkpoint was saved at step {trainer.step})"
+            return PAUSED, {"step": result.steps}, None, reporter
+        reason = f"the worker is shutting down (a checkpoint was saved at step {result.steps})"
         return QUEUED, {"reason": reason}, None, reporter
     if reporter.val_loss is None and result.val_loss is not None:
         reporter.val_loss = round(result.val_loss, 4)
     reporter.finished(result.steps, result.final_loss)
-    chosen, model_step = model, result.steps
+    if trained is None:
+        assert result.checkpoint is not None  # the Trainer writes one at the end of every run
+        trained = GPT2.from_pretrained(result.checkpoint)  # LoRA's checkpoints hold the merged weights
+    chosen, model_step = trained, result.steps
     if spec.hyperparameters.select_model == "best":
         best = Path(config.checkpoint_dir, checkpoint_name(result.best_step)) if result.best_step is not None else None
         if best is not None and (best / "config.json").is_file():
@@ -277,6 +299,17 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     return SUCCEEDED, {"model": model_id, "model_step": model_step, "stop_reason": result.stop_reason,
                        "steps": result.steps, "train_loss": result.final_loss, "val_loss": result.val_loss,
                        "best_step": result.best_step, "best_val_loss": result.best_val_loss}, None, reporter
+
+
+def validation_source(dataset: PreparedDataset, validation: PreparedDataset | None, has_val: bool
+                      ) -> dict[str, str | None]:
+    """Where a TrainingLaunch finds the validation tokens: the validation file's tokens (its "train" split), the
+    part held out of the training file ("val"), or none."""
+    if not has_val:
+        return {"val_dir": None}
+    if validation is not None:
+        return {"val_dir": str(validation.path), "val_split": "train"}
+    return {"val_dir": str(dataset.path), "val_split": "val"}
 
 
 def diverged(rt: Runtime, job_id: str, exc: TrainingDiverged, checkpoint_dir: Path) -> JobFailure:
@@ -310,13 +343,14 @@ def resolve_auto_hyperparameters(spec: TrainSpec, training_file: File, model: GP
     max_micro = (largest_micro_batch(model, block_size, limit, device) if device.type == "cuda"
                  else cpu_micro_batch_limit(block_size))
     resolved = resolve_auto(hyper, examples=examples, parameters=model.num_parameters(), method=method,
-                            max_micro_batch=max_micro)
+                            max_micro_batch=max_micro, devices=spec.devices)
     values = resolved.model_dump(mode="json")
     described = ", ".join(f"{name} {values[name]:g}" for name in resolved.auto)
     if "batch_size" in resolved.auto:
         windows = resolved.batch_size * resolved.grad_accum_steps
+        across = f" across {spec.devices} devices" if spec.devices > 1 else ""
         described += (f" (x grad_accum_steps {resolved.grad_accum_steps}: {windows} window{'s' * (windows != 1)} "
-                      "per step)")
+                      f"per step{across})")
     kind = "lines" if jsonl else f"windows of {block_size} tokens"
     return (spec.model_copy(update={"hyperparameters": resolved}),
             f'the "auto" hyperparameters for {examples:,} examples ({kind}), {model.num_parameters():,} parameters '

@@ -64,9 +64,11 @@ REFUSALS = [
     refusal("GET /v1/models", 400, "invalid_input", {"after"}, CURSOR),
     refusal("POST /v1/jobs", 400, "invalid_input", {"training_file", "validation_file", "input_file", "model"},
             "a referenced file or model must be the caller's, and a file must have the purpose its field needs"),
-    refusal("POST /v1/jobs", 422, "invalid_request", {"model", "hyperparameters.warmup_steps"},
-            "cross-field rules: n_embd divisible by n_head, warmup_steps within max_steps; and a context the "
-            "referenced model must have"),
+    refusal("POST /v1/jobs", 422, "invalid_request", {"model", "hyperparameters.warmup_steps", "devices"},
+            "cross-field rules: n_embd divisible by n_head, warmup_steps within max_steps, a global batch that "
+            "splits across the devices; and a context the referenced model must have"),
+    refusal("POST /v1/jobs/{job_id}/resume", 422, "invalid_request", {"devices"},
+            "the stored job's global batch must split across the new devices, and only training jobs have them"),
     refusal("POST /v1/jobs", 422, "invalid_request", {"training_file", "sampling.max_new_tokens", "suffix"},
             "limits that depend on the referenced model or file: enough tokens for the context, prompt and "
             "completion within the model's context, a model name '<base>:<suffix>' within 255 characters"),

@@ -89,7 +89,7 @@ class Stack:
         """docker-compose's worker command, with a node name of its own (and other queues, if given)."""
         argv = [*compose_command("worker"), "--hostname", f"{name}@%h"]
         if queues is not None:
-            argv = replace_option(argv, "--queues", queues)
+            argv += ["--queues", queues]
         worker = self.launch(argv, self.environment, name)
         assert worker.wait_for("worker ready", WORKER_READY_TIMEOUT), worker.output()
         return worker

@@ -49,3 +49,13 @@ def test_only_auto_values_are_resolved_and_named():
     assert (resolved.batch_size, resolved.learning_rate, resolved.auto) == (4, 6e-5, ["learning_rate"])
     plain = Hyperparameters(max_steps=10)
     assert resolve_auto(plain, examples=10, parameters=1, method="train", max_micro_batch=1) is plain
+
+
+@pytest.mark.parametrize("devices", [2, 3, 4])
+def test_an_auto_batch_gives_every_device_an_equal_share_that_fits(devices):
+    given = Hyperparameters(max_steps=10, batch_size="auto")
+    resolved = resolve_auto(given, examples=32_000, parameters=1, method="train", max_micro_batch=8, devices=devices)
+    wanted = auto_global_batch(32_000)  # 64 windows
+    assert resolved.batch_size <= 8 and (resolved.batch_size * resolved.grad_accum_steps) % devices == 0
+    assert wanted <= resolved.batch_size * resolved.grad_accum_steps < wanted + devices * resolved.batch_size
+    assert resolved.grad_accum_steps % devices == 0  # every device runs the same number of micro-batches

@@ -11,8 +11,8 @@ from jobs.db import make_engine
 from jobs.models import Base
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
-          "generation_shards", "job_metrics"}
-REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006"]  # base to head, one line of history
+          "generation_shards", "job_metrics", "workers"}
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]  # base to head, one line of history
 
 
 def test_upgrade_head_creates_every_table(engine):
@@ -76,7 +76,7 @@ def test_0002_adds_generation_shards_and_downgrades_to_0001(backend, fresh_datab
     finally:
         engine.dispose()
     command.downgrade(config, "0001")
-    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics"}
+    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics", "workers"}
     assert "generation_shards" not in inspect_tables(url)
     command.upgrade(config, "head")
     command.check(config)
@@ -98,3 +98,36 @@ def test_0005_adds_job_metrics_and_downgrades_to_0004(backend, fresh_database_ur
         engine.dispose()
     command.downgrade(config, "0004")
     assert "job_metrics" not in inspect_tables(url) and "jobs" in inspect_tables(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0007_adds_devices_and_workers_keeping_jobs_and_events(backend, fresh_database_url, migrations_config):
+    """A job stored before 0007 runs on one device afterwards, its events survive the upgrade and the downgrade
+    (no table rebuild that would cascade), and the workers table comes and goes."""
+    from sqlalchemy import text
+
+    config = migrations_config(fresh_database_url(backend))
+    url = config.attributes["database_url"]
+    command.upgrade(config, "0006")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO jobs (id, owner, type, status, params, attempts, metadata, workers_lost, "
+                              "created_at) VALUES ('job-old', 'me', 'train', 'queued', '{}', 0, '{}', 0, "
+                              "CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO job_events (job_id, created_at, level, type, message) VALUES "
+                              "('job-old', CURRENT_TIMESTAMP, 'info', 'message', 'Job created')"))
+        command.upgrade(config, "0007")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT devices, devices_wanted_since FROM jobs")).one() == (1, None)
+            assert conn.execute(text("SELECT count(*) FROM job_events")).scalar() == 1
+        assert "workers" in inspect(engine).get_table_names()
+        command.downgrade(config, "0006")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM job_events")).scalar() == 1
+        assert "workers" not in inspect(engine).get_table_names()
+        assert "devices" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    finally:
+        engine.dispose()
+    command.upgrade(config, "head")
+    command.check(config)

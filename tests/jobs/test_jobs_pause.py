@@ -135,3 +135,39 @@ def test_a_pausing_generate_job_takes_no_new_shard_and_keeps_its_results(session
         done = s.scalars(select(GenerationShard.status).where(GenerationShard.job_id == job_id)
                          .order_by(GenerationShard.index)).all()
     assert done == ["done", "running"]
+
+
+def paused_training_job(sessions, owner, params: dict) -> str:
+    from .test_jobs_execution import blob
+
+    with session_scope(sessions) as s:
+        file_id = repo.create_file(s, owner, "train", "data.txt", blob(b"text\n"), records=1).id
+        job, _ = repo.create_job(s, owner, "train", {"devices": 2, **params},
+                                 training_file_id=file_id, devices=2)
+        job.status = "paused"
+        return job.id
+
+
+def test_a_paused_training_job_resumes_on_other_devices_when_its_batch_splits(sessions, owner):
+    job_id = paused_training_job(sessions, owner, {"hyperparameters": {"max_steps": 10, "batch_size": 4}})
+    with session_scope(sessions) as s:
+        job = repo.resume_job(s, owner, job_id, devices=1)
+        assert (job.status, job.devices, job.params["devices"]) == ("queued", 1, 1)
+    last = [e for e in events_of(sessions, job_id)][-1]
+    assert last.message == "Resume requested on 1 device (it ran on 2): the job is back in the queue"
+    assert last.data == {"status": "queued", "devices": 1}
+
+
+def test_resuming_on_devices_the_batch_does_not_split_across_is_refused(sessions, owner):
+    from jobs.errors import InvalidRequest
+
+    job_id = paused_training_job(sessions, owner, {"hyperparameters": {"max_steps": 10, "batch_size": 4}})
+    with pytest.raises(InvalidRequest) as refused, session_scope(sessions) as s:
+        repo.resume_job(s, owner, job_id, devices=3)
+    assert refused.value.param == "devices" and "does not split evenly across 3 devices" in refused.value.message
+    assert load(sessions, job_id).status == "paused"
+
+
+def events_of(sessions, job_id: str) -> list[JobEvent]:
+    with session_scope(sessions) as s:
+        return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))

@@ -32,7 +32,7 @@ def recover(sessions, job_id: str, now: datetime, max_attempts: int = 3) -> bool
 
 def due(sessions, now: datetime) -> list[str]:
     with session_scope(sessions) as s:
-        return [job_id for job_id, _ in recovery.jobs_to_dispatch(s, REDISPATCH, now=now, limit=ALL)]
+        return [job_id for job_id, _, _ in recovery.jobs_to_dispatch(s, REDISPATCH, now=now, limit=ALL)]
 
 
 def dispatch(sessions, job_id: str, now: datetime) -> bool:

@@ -108,3 +108,24 @@ def test_an_auto_batch_takes_the_default_accumulation_only():
     assert submit({"batch_size": "auto", "grad_accum_steps": 1}).hyperparameters.batch_size == "auto"
     with pytest.raises(ValidationError, match="grad_accum_steps"):
         submit({"batch_size": "auto", "grad_accum_steps": 4})
+
+
+@pytest.mark.parametrize("hyper, devices", [({"batch_size": 8}, 2), ({"batch_size": 3, "grad_accum_steps": 2}, 2),
+                                            ({"batch_size": 1, "grad_accum_steps": 4}, 4), ({"batch_size": "auto"}, 3)])
+def test_devices_take_a_global_batch_that_splits_evenly(hyper, devices):
+    spec = JOB_SPEC.validate_python({**FINETUNE, "hyperparameters": hyper, "devices": devices})
+    assert spec.devices == devices and stored_params(spec)["devices"] == devices
+    assert JOB_SPEC.validate_python(FINETUNE).devices == 1
+
+
+@pytest.mark.parametrize("hyper, devices", [({"batch_size": 3}, 2), ({"batch_size": 4, "grad_accum_steps": 3}, 8),
+                                            ({"batch_size": 8}, 3)])
+def test_a_batch_that_does_not_split_across_the_devices_is_refused_naming_both(hyper, devices):
+    param, message = first_error({**FINETUNE, "hyperparameters": hyper, "devices": devices})
+    assert param == "devices" and f"hyperparameters.batch_size {hyper['batch_size']}" in message
+    assert f"does not split evenly across {devices} devices" in message
+
+
+@pytest.mark.parametrize("devices", [0, 17, "2", 1.5, True])
+def test_devices_is_a_count_from_1_to_16(devices):
+    assert first_error({**FINETUNE, "devices": devices})[0] == "devices"

@@ -19,6 +19,7 @@ EXPECTED = {
     ("cancelling", "succeeded"),
     ("cancelling", "failed"),
     ("queued", "paused"),
+    ("queued", "failed"),  # no live worker has the devices it asks for (jobs.placement)
     ("running", "pausing"),
     ("pausing", "paused"),
     ("pausing", "cancelling"),
