@@ -225,11 +225,11 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.para
     """``model`` (already on ``device``) wrapped in DistributedDataParallel for training: its construction
     broadcasts rank 0's parameters to every rank (a collective), and each backward averages the gradients of the
     parameters that require grad over the ranks (for a LoRA model only the adapters'). On CUDA the module's
-    device is ``device`` (the current CUDA device when it has no index). Buffers are not broadcast at each
-    forward: GPT2 has none, and evaluations may run different numbers of forwards on different ranks."""
+    device is ``device`` (the current CUDA device when it has no index). GPT2 has no buffers, so a forward
+    through the wrapper syncs nothing (evaluations run on the unwrapped model)."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = None
     if device.type == "cuda":
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -201,6 +201,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.optimizer = build_optimizer(self.model, config, self.device)
+        if config.compile:  # a graph the compiler cannot handle runs eagerly instead of failing the run
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.suppress_errors = True
         self.forward_model = torch.compile(self.model) if config.compile else self.model  # evaluation
         # Training's forward/backward: through DDP (gradients averaged over the ranks) on more than one process.
         self.ddp_model = data_parallel(self.model, self.device) if self.dist.world_size > 1 else None

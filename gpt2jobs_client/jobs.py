@@ -81,11 +81,13 @@ class Jobs:
         is returned unchanged; ConflictError when it is cancelling or has finished."""
         return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/pause"))
 
-    def resume(self, job_id: str) -> Job:
+    def resume(self, job_id: str, devices: int | None = None) -> Job:
         """Resume a paused job: it is queued again and continues from its checkpoint (training) or with the
-        prompts not done yet (generation). ConflictError unless it is paused (a pausing job too: resume it once
-        it is paused)."""
-        return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/resume"))
+        prompts not done yet (generation); `devices`: a training job continues on that many devices (the same
+        global batch; UnprocessableEntityError when it does not split across them). ConflictError unless it is paused
+        (a pausing job too: resume it once it is paused)."""
+        body = {"json": {"devices": devices}} if devices is not None else {}
+        return Job.from_api(self._t.json("POST", f"/v1/jobs/{job_id}/resume", **body))
 
     def events(self, job_id: str, follow: bool = False, poll_interval: float = 1.0,
                stop_on_pause: bool = True) -> Iterator[Event]:

@@ -100,12 +100,25 @@ def _forget_this_worker() -> None:
         log.warning("could not remove this worker from the live workers", exc_info=True)
 
 
+def listen_for_hand_back() -> None:
+    """In a pool process: HAND_BACK_SIGNAL sets SHUTTING_DOWN (running work checkpoints and hands its job back).
+    Installed again at the start of every task (workers.tasks.deliver): billiard installs its own exit handler for
+    SIGUSR2 in pool processes after their initializer has run (billiard 4.3), which would end the process in the
+    middle of a step instead."""
+    import threading
+
+    from workers.runtime import SHUTTING_DOWN
+
+    if threading.current_thread() is threading.main_thread():  # signals are set from a process's main thread
+        signal.signal(HAND_BACK_SIGNAL, lambda _signum, _frame: SHUTTING_DOWN.set())
+
+
 @worker_process_init.connect
 def _warm_up(**_kwargs) -> None:
     """Each pool process connects and loads the tokenizer before its first task, not during it."""
     from workers.generation import tokenizer
-    from workers.runtime import SHUTTING_DOWN, runtime
+    from workers.runtime import runtime
 
-    signal.signal(HAND_BACK_SIGNAL, lambda _signum, _frame: SHUTTING_DOWN.set())
+    listen_for_hand_back()
     runtime()
     tokenizer()

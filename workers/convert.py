@@ -40,8 +40,19 @@ def new_model(config: GPT2Config, seed: int) -> GPT2:
         return GPT2(config)
 
 
-def train_config(hyper: Hyperparameters, *, steps: int, seed: int, evaluate: bool, checkpoint_dir: Path
-                 ) -> TrainConfig:
+#: torch.compile is worth its start-up (tens of seconds for GPT-2 small) on runs at least this long.
+COMPILE_MIN_STEPS = 500
+
+
+def compiles(device_type: str, steps: int, lora: bool) -> bool:
+    """Whether a run is compiled (torch.compile): on CUDA, for runs of COMPILE_MIN_STEPS steps or more, not for
+    LoRA (peft's wrapper). On CPU it does not pay off for these models. A graph the compiler cannot handle runs
+    eagerly (gpt2core.train sets torch._dynamo's suppress_errors), so compiling never fails a job."""
+    return device_type == "cuda" and steps >= COMPILE_MIN_STEPS and not lora
+
+
+def train_config(hyper: Hyperparameters, *, steps: int, seed: int, evaluate: bool, checkpoint_dir: Path,
+                 compile: bool = False) -> TrainConfig:
     """gpt2core's TrainConfig for a job of `steps` optimizer steps; `evaluate` False when there is no validation
     data (the job is told so in a warning event: early stopping and select_model "best" then cannot act either).
     The hyperparameters' "auto" values must be resolved (jobs.auto) before; warmup_steps None (a run in epochs
@@ -57,4 +68,5 @@ def train_config(hyper: Hyperparameters, *, steps: int, seed: int, evaluate: boo
         early_stopping_patience=hyper.early_stopping_patience if evaluate else 0,
         checkpoint_best=hyper.select_model == "best" and evaluate and bool(hyper.eval_every),
         divergence_threshold=hyper.divergence_threshold, divergence_patience=hyper.divergence_patience,
+        compile=compile,
     )

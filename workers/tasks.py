@@ -27,6 +27,13 @@ INFRASTRUCTURE_PAUSE = 2.0
 
 def deliver(run: Callable[[Runtime, str], None], job_id: str) -> None:
     """Run one delivery of job `job_id`; a database or broker outage puts its message back (see above)."""
+    from workers.app import listen_for_hand_back
+    from workers.runtime import SHUTTING_DOWN
+
+    listen_for_hand_back()
+    if SHUTTING_DOWN.is_set():  # a message taken during a warm shutdown goes back for another worker
+        log.info("job %s: this worker is shutting down; its message goes back to the queue", job_id)
+        raise Reject("the worker is shutting down", requeue=True)
     ACTIVE_JOBS.add(job_id)
     try:
         run(runtime(), job_id)

@@ -31,7 +31,7 @@ from jobs.specs import PERIODIC, FinetuneSpec, LoraMethod, TrainSpec, job_spec
 from jobs.storage import disk_full_error
 from jobs.states import CANCELLED, FAILED, PAUSED, QUEUED, SUCCEEDED
 
-from .convert import lora_settings, model_config, train_config
+from .convert import compiles, lora_settings, model_config, train_config
 from .datasets import prepared
 from .devices import worker_devices
 from .distributed import Supervisor
@@ -237,7 +237,8 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
     # an evaluation needs a window and a target in it (prompt tokens are not targets)
     has_val = val_tokens.size > block_size and (val_mask is None or bool(val_mask[1:].any()))
     config = train_config(spec.hyperparameters, steps=steps, seed=spec.seed, evaluate=has_val,
-                          checkpoint_dir=rt.artifacts.checkpoint_dir(job.id))
+                          checkpoint_dir=rt.artifacts.checkpoint_dir(job.id),
+                          compile=compiles(default_device().type, steps, source.lora is not None))
     reporter = JobReporter(rt, job.id, lease, steps, job.started_at)
     keep = spec.hyperparameters.keep_checkpoints or rt.settings.keep_checkpoints
     retention_policy = CheckpointRetention(rt, job.id, lease, keep, reporter)

@@ -70,6 +70,8 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="The model the job registers: the last step's, or the best validation loss's checkpoint."),
         click.option("--suffix", help="Appended to the output model's name."),
         click.option("--seed", type=click.IntRange(min=0)),
+        click.option("--devices", type=click.IntRange(1, 16), help="Train on this many devices at once (the GPUs "
+                     "of one worker, data-parallel); the batch stays global and must split evenly across them."),
         click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished (or is paused)."),
         json_option,
         click.pass_context,
@@ -89,7 +91,7 @@ def submit_training(ctx: click.Context, kind: str, model: Any, options: dict[str
         "early_stopping_patience": options["early_stopping_patience"],
         "select_model": options["select_model"]}.items() if value is not None}
     body: dict[str, Any] = {"type": kind, "training_file": options["training_file"], "hyperparameters": hyperparameters}
-    for key in ("validation_file", "suffix", "seed"):
+    for key in ("validation_file", "suffix", "seed", "devices"):
         if options[key] is not None:
             body[key] = options[key]
     if model is not None:
@@ -217,13 +219,15 @@ def jobs_pause(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @jobs.command("resume")
 @click.argument("job_id")
+@click.option("--devices", type=click.IntRange(1, 16), help="Continue a training job on this many devices (the "
+              "same global batch, split across them).")
 @click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it has finished (or is paused "
               "again).")
 @json_option
 @click.pass_context
-def jobs_resume(ctx: click.Context, job_id: str, wait: bool, as_json: bool) -> None:
+def jobs_resume(ctx: click.Context, job_id: str, devices: int | None, wait: bool, as_json: bool) -> None:
     """Resume a paused job: queued again, it continues from its checkpoint (or with the prompts not done yet)."""
-    job = state(ctx).client.jobs.resume(job_id)
+    job = state(ctx).client.jobs.resume(job_id, devices=devices)
     finish(ctx, job, as_json, wait, line=f"{job.id} {job.status}")
 
 

@@ -181,14 +181,18 @@ def test_pause_resume_checkpoints_and_register_exit_4_while_paused(env: dict[str
     assert json.loads(watched.stdout)["status"] == "paused"
     assert f"{queued} paused at step 0/3" in watched.stderr and f"gpt2jobs jobs resume {queued}" in watched.stderr
     assert [j["id"] for j in lines(ok(env, "jobs", "list", "--status", "paused", "--json"))] == [queued]
-    assert json.loads(ok(env, "jobs", "resume", queued, "--json"))["status"] == "queued"
+    uneven = gpt2jobs(env, "jobs", "resume", queued, "--devices", "2")  # 1 window a step: it cannot split
+    assert uneven.returncode == 1 and "[422 invalid_request]" in uneven.stderr and "devices" in uneven.stderr
+    assert json.loads(ok(env, "jobs", "resume", queued, "--devices", "1", "--json"))["status"] == "queued"
     again = gpt2jobs(env, "jobs", "resume", queued)
     assert again.returncode == 1 and again.stdout == "" and "[409 conflict]" in again.stderr, again.stderr
 
     # The new hyperparameter options, as the API stores them (submitted, then cancelled while queued).
     auto = json.loads(ok(env, *train[:-2], "--batch-size", "auto", "--learning-rate", "auto", "--epochs", "auto",
-                         "--eval-every", "5", "--early-stopping-patience", "2", "--select-model", "best", "--json"))
+                         "--eval-every", "5", "--early-stopping-patience", "2", "--select-model", "best",
+                         "--devices", "2", "--json"))
     hyperparameters = auto["hyperparameters"]
+    assert auto["devices"] == 2  # queued for a worker with 2 devices (this stack's has 1)
     assert (hyperparameters["batch_size"], hyperparameters["learning_rate"], hyperparameters["n_epochs"]) == ("auto",) * 3
     assert (hyperparameters["eval_every"], hyperparameters["early_stopping_patience"], hyperparameters["select_model"]) == (5, 2, "best")
     assert json.loads(ok(env, "jobs", "cancel", auto["id"], "--json"))["status"] == "cancelled"

@@ -229,7 +229,11 @@ def test_pause_resume_wait_and_register_a_checkpoint_as_a_model(client: Client, 
         with pytest.raises(ConflictError) as refused:
             client.jobs.resume(busy.id)
         assert (refused.value.status, refused.value.code) == (409, "conflict") and busy.id in refused.value.message
-        resumed = client.jobs.resume(queued.id)
+        # On other devices only when its global batch (1 window) splits across them: 422, naming devices.
+        with pytest.raises(UnprocessableEntityError) as uneven:
+            client.jobs.resume(queued.id, devices=2)
+        assert uneven.value.param == "devices" and client.jobs.get(queued.id).status == "paused"
+        resumed = client.jobs.resume(queued.id, devices=1)
         assert resumed.status == "queued" and not resumed.is_settled
         with pytest.raises(ConflictError):
             client.jobs.resume(queued.id)

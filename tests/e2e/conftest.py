@@ -53,6 +53,7 @@ class Stack:
         self.launch = launch
         self.environment = environment
         self.api_url: str | None = None
+        self.workers: list[ServiceProcess] = []  # started by start_worker, in order
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         """A one-shot command in the stack's environment; its output is in the assertion message if it fails."""
@@ -92,6 +93,7 @@ class Stack:
             argv += ["--queues", queues]
         worker = self.launch(argv, self.environment, name)
         assert worker.wait_for("worker ready", WORKER_READY_TIMEOUT), worker.output()
+        self.workers.append(worker)
         return worker
 
     def client(self, owner: str) -> Api:

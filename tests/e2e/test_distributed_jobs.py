@@ -125,6 +125,29 @@ def test_a_two_device_job_paused_and_resumed_on_one_device_continues_the_same_cu
     assert done["devices"] == 1
 
 
+def test_a_worker_s_shutdown_hands_a_two_device_job_back_and_a_cancel_stops_every_process(stack, api, corpus):
+    long = {**body(corpus, 2), "hyperparameters": {**body(corpus, 2)["hyperparameters"], "max_steps": 100_000}}
+    job = submit(api, long)
+    wait_for(api, job["id"], lambda j: j["status"] == "running" and (j["progress"]["step"] or 0) >= 12)
+    first = stack.workers[-1]
+    first.stop()  # SIGTERM: a deploy, `docker compose stop`
+    assert first.proc.returncode == 0, first.output()[-3000:]
+    handed, _ = wait_for(api, job["id"], lambda j: j["status"] == "queued", timeout=30)
+    assert not training_processes(job["id"])
+    said = messages(api, job["id"])
+    stopped_at = handed["progress"]["step"]
+    assert any(f"the worker is shutting down (a checkpoint was saved at step {stopped_at})" in m for m in said), said
+
+    stack.start_worker("w2")
+    wait_for(api, job["id"], lambda j: j["status"] == "running" and (j["progress"]["step"] or 0) > stopped_at + 2)
+    assert f"Resumed from the checkpoint at step {stopped_at} on 2 cpu processes (gloo)" in messages(api, job["id"])
+    api.post(f"/v1/jobs/{job['id']}/cancel")
+    cancelled, _ = wait_for(api, job["id"], lambda j: j["status"] == "cancelled", timeout=60)
+    assert cancelled["error"] is None and not training_processes(job["id"])
+    handed_back = [m for m in messages(api, job["id"]) if "stopped: the worker is shutting down" in m]
+    assert len(handed_back) == 1, handed_back  # the stopping worker took no message back
+
+
 def test_submission_refuses_a_batch_that_does_not_split_across_the_devices(api, corpus):
     refused = api.post("/v1/jobs", json={**body(corpus, 2), "hyperparameters": {"max_steps": 5, "batch_size": 3}})
     assert refused.status_code == 422
