@@ -54,7 +54,7 @@ def validation_message(errors: list[ErrorDetails]) -> str:
     param = validation_param(first)
     also = [e for e in errors[1:] if validation_param(e) == param and str(e["loc"][-1]).startswith("literal[")]
     alternatives = " or ".join(str((e.get("ctx") or {}).get("expected", "")).replace("'", '"') for e in also)
-    message = first["msg"] + (f", or {alternatives}" if alternatives else "")
+    message = first["msg"].removeprefix("Value error, ") + (f", or {alternatives}" if alternatives else "")
     return f"{param}: {message}"
 
 

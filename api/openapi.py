@@ -118,8 +118,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         "input_file": MAYBE_ID, "progress": {"type": "object"}, "result": {"type": ["object", "null"]},
         "error": {"type": ["object", "null"]}, "attempts": {"type": "integer", "minimum": 0},
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}}},
-        "A job; besides these keys, its type's resolved parameters: model, hyperparameters, seed and suffix "
-        "(train, finetune) or model, sampling and prompt_count (generate).", additionalProperties=True),
+        "A job; besides these keys, its type's resolved parameters: model, hyperparameters, devices, seed and "
+        "suffix (train, finetune; method for finetune) or model, sampling and prompt_count (generate).",
+        additionalProperties=True),
     "Event": obj({"id": {"type": "integer"}, "object": {"const": "job.event"}, "created_at": UNIX_TIME,
                   "level": {"enum": list(EVENT_LEVELS)}, "type": {"enum": list(EVENT_TYPES)},
                   "message": {"type": "string"}, "data": {"type": ["object", "null"]}}),

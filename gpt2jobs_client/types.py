@@ -51,6 +51,7 @@ class Job:
     sampling: dict[str, Any] | None = None
     seed: int | None = None
     suffix: str | None = None
+    devices: int | None = None  # train and finetune jobs: the devices it trains on at once
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -61,7 +62,8 @@ class Job:
                    attempts=data.get("attempts", 0), metadata=data.get("metadata") or {},
                    training_file=data.get("training_file"), validation_file=data.get("validation_file"),
                    input_file=data.get("input_file"), hyperparameters=data.get("hyperparameters"),
-                   sampling=data.get("sampling"), seed=data.get("seed"), suffix=data.get("suffix"), raw=data)
+                   sampling=data.get("sampling"), seed=data.get("seed"), suffix=data.get("suffix"),
+                   devices=data.get("devices"), raw=data)
 
     @property
     def is_terminal(self) -> bool:

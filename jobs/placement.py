@@ -2,17 +2,20 @@
 more devices than any of them has.
 
 Every worker's sweeper (workers/sweeper.py) records its worker here on each pass (`record_worker`), every half
-lease; a worker is live while it was seen within the last lease. A job on N devices waits in queue "train-N"
-(jobs.queue.queue_for), which only workers with N or more devices consume, so a job that fits no live worker
-simply waits. The reconciliation tells it why (`check_placement`): once at least one worker is live and none has
-N devices, the job gets a warning event naming the largest; when a big enough worker comes, the job runs; when
-none has come after JOB_DEVICES_WAIT_SECONDS, the job fails with "devices_unavailable" (param "devices").
+lease, with the most devices of a training job it takes (its devices, or fewer when its --queues stop short); a
+worker is live while it was seen within the last lease. A job on N devices waits in queue "train-N"
+(jobs.queue.queue_for), which only workers that take N or more consume, so a job that fits no live worker simply
+waits. The reconciliation tells it why (`check_placement`): once at least one worker is live and none takes N > 1
+devices, the job gets a warning event naming the most any takes; when such a worker comes, the job runs; when
+none has come after JOB_DEVICES_WAIT_SECONDS, a job that never ran fails with "devices_unavailable" (param
+"devices"), and one that already trained is paused instead, keeping its checkpoints, to be resumed on fewer
+devices (POST /v1/jobs/{id}/resume with {"devices": N}).
 
 With no live worker at all nothing is said: every job waits for the workers alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select
@@ -21,7 +24,7 @@ from sqlalchemy.orm import Session
 from jobs.execution import _end_job, _lock_job, _now
 from jobs.models import Job, Worker
 from jobs.repository import add_event
-from jobs.states import FAILED, QUEUED
+from jobs.states import FAILED, PAUSED, QUEUED, transition
 
 __all__ = ["record_worker", "forget_worker", "largest_live_worker", "check_placement", "Placement"]
 
@@ -48,7 +51,8 @@ def forget_worker(session: Session, worker_id: str) -> None:
 
 
 def largest_live_worker(session: Session, lease_seconds: float, now: datetime | None = None) -> int | None:
-    """The most devices of any worker seen within the last lease, or None when no worker is live."""
+    """The most devices of a training job any worker seen within the last lease takes (0: none takes training
+    jobs), or None when no worker is live."""
     now = _now(now)
     return session.scalar(select(func.max(Worker.devices)).where(
         Worker.seen_at >= now - timedelta(seconds=lease_seconds), Worker.seen_at <= now))
@@ -56,11 +60,13 @@ def largest_live_worker(session: Session, lease_seconds: float, now: datetime | 
 
 @dataclass
 class Placement:
-    """What one check did: jobs told no worker fits them, jobs failed after waiting, jobs a worker fits again."""
+    """What one check did: jobs told no worker fits them, jobs failed (never ran) or paused (trained already) after
+    waiting, jobs a worker fits again."""
 
     told: list[str]
     failed: list[str]
     fitting: list[str]
+    paused: list[str] = field(default_factory=list)
 
 
 def check_placement(session: Session, lease_seconds: float, wait_seconds: float,
@@ -72,34 +78,47 @@ def check_placement(session: Session, lease_seconds: float, wait_seconds: float,
     largest = largest_live_worker(session, lease_seconds, now)
     if largest is None:
         return done
-    waiting = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.devices > largest)).all()
+    floor = max(largest, 1)  # a one-device job waits for any training worker, as before devices existed
+    waiting = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.devices > floor)).all()
     for job_id in waiting:
         job = _lock_job(session, job_id)
-        if job is None or job.status != QUEUED or job.devices <= largest:
+        if job is None or job.status != QUEUED or job.devices <= floor:
             continue
         if job.devices_wanted_since is None:
             job.devices_wanted_since = now
-            add_event(session, job.id, f"No live worker has {job.devices} devices (the largest has {largest}): the job "
-                      f"waits for one, and fails if none comes within {wait_seconds:g} s (JOB_DEVICES_WAIT_SECONDS). "
-                      f"Start a worker with WORKER_DEVICES={job.devices} or more, or pause the job and resume it with "
-                      "fewer devices.", level="warning", data={"devices": job.devices, "largest_worker": largest})
+            then = ("is paused (keeping its checkpoints)" if job.attempts else "fails")
+            add_event(session, job.id, f"No live worker takes jobs on {job.devices} devices (the most any takes: "
+                      f"{largest}): the job waits for one, and {then} if none comes within {wait_seconds:g} s "
+                      f"(JOB_DEVICES_WAIT_SECONDS). Start a worker with WORKER_DEVICES={job.devices} or more, or pause "
+                      "the job and resume it with fewer devices.", level="warning",
+                      data={"devices": job.devices, "largest_worker": largest})
             done.told.append(job.id)
         elif job.devices_wanted_since <= now - timedelta(seconds=wait_seconds):
+            job.devices_wanted_since = None
+            if job.attempts:  # it trained already: keep what it did
+                transition(job, PAUSED)
+                add_event(session, job.id, f"Paused: no worker that takes jobs on {job.devices} devices came within "
+                          f"{wait_seconds:g} s (JOB_DEVICES_WAIT_SECONDS; the most any live worker takes: {largest}). "
+                          f"It keeps its checkpoints: resume it with fewer devices (POST /v1/jobs/{job.id}/resume with "
+                          f'{{"devices": {largest}}}), or once such a worker is live.', level="warning",
+                          data={"status": PAUSED, "devices": job.devices, "largest_worker": largest})
+                done.paused.append(job.id)
+                continue
             _end_job(session, job, FAILED, error={
                 "code": "devices_unavailable",
-                "message": f"No worker with {job.devices} devices came within {wait_seconds:g} s "
-                           f"(JOB_DEVICES_WAIT_SECONDS); the largest live worker has {largest}. Submit the job with "
-                           f"devices {largest} or fewer, or start a worker with WORKER_DEVICES={job.devices}.",
+                "message": f"No worker that takes jobs on {job.devices} devices came within {wait_seconds:g} s "
+                           f"(JOB_DEVICES_WAIT_SECONDS); the most any live worker takes is {largest}. Submit the job "
+                           f"with devices {floor} or fewer, or start a worker with WORKER_DEVICES={job.devices}.",
                 "param": "devices"})
             done.failed.append(job.id)
-    fitting = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.devices <= largest,
+    fitting = session.scalars(select(Job.id).where(Job.status == QUEUED, Job.devices <= floor,
                                                    Job.devices_wanted_since.is_not(None))).all()
     for job_id in fitting:
         job = _lock_job(session, job_id)
         if job is None or job.devices_wanted_since is None:
             continue
         job.devices_wanted_since = None
-        add_event(session, job.id, f"A worker with {job.devices} or more devices is live: the job runs when it is "
-                  "free", data={"devices": job.devices, "largest_worker": largest})
+        add_event(session, job.id, f"A worker that takes jobs on {job.devices} devices is live: the job runs when it "
+                  "is free", data={"devices": job.devices, "largest_worker": largest})
         done.fitting.append(job.id)
     return done

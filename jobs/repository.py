@@ -383,7 +383,7 @@ def resume_job(session: Session, owner: str, job_id: str, now: datetime | None =
             check_batch_split(spec.hyperparameters, devices)
         except ValueError as exc:
             raise InvalidRequest(f"devices: {exc}", param="devices") from None
-        moved = f" on {devices} device{'s' * (devices != 1)} (it ran on {job.devices})"
+        moved = f" on {devices} device{'s' * (devices != 1)} (it was on {job.devices})"
         job.params = {**job.params, "devices": devices}
         job.devices = devices
         job.devices_wanted_since = None

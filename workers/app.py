@@ -6,7 +6,7 @@ import os
 import signal
 import warnings
 
-from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from jobs.queue import make_celery
 from jobs.settings import Settings
@@ -62,6 +62,12 @@ def _log_start(sender=None, **_kwargs) -> None:
 
     global _pool
     _pool = getattr(sender, "pool", None)
+    from workers import sweeper
+
+    try:
+        sweeper.CONSUMED_QUEUES = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    except Exception:
+        pass
     start_sweeper(runtime())
 
 
@@ -86,6 +92,12 @@ def _hand_back_jobs(sig=None, how=None, **_kwargs) -> None:
             os.kill(pid, HAND_BACK_SIGNAL)
         except ProcessLookupError:
             pass
+
+
+@worker_shutdown.connect
+def _gone(**_kwargs) -> None:
+    """Once more at the very end: a sweep that ran during the warm shutdown may have recorded this worker again."""
+    _forget_this_worker()
 
 
 def _forget_this_worker() -> None:

@@ -109,12 +109,24 @@ class Attempt:
     """What one start of the training processes came to."""
 
     result: TrainResult | None = None
-    error: dict[str, Any] | None = None  # the first job error a process reported
+    errors: list[dict[str, Any]] = field(default_factory=list)  # what the processes reported, in arrival order
     diverged: tuple[int, str] | None = None  # (step, message)
     silent: list[int] = field(default_factory=list)  # ranks that ended without a word
     pids: dict[int, int] = field(default_factory=dict)  # rank -> pid
     exit_code: int | None = None
     started: dict[str, Any] | None = None  # rank 0's "started" report
+
+    def error(self) -> dict[str, Any] | None:
+        """The job's error, decided once every process has ended: the first job error reported (the job's own
+        fault: training_diverged, out_of_memory, invalid_file, ...); else none when a process died without a word
+        (the others' internal errors are what its death did to them: the processes start again); else the first
+        internal error."""
+        own = [e for e in self.errors if e.get("code") != "internal_error"]
+        if own:
+            return own[0]
+        if self.silent or not self.errors:
+            return None
+        return self.errors[0]
 
 
 def torchrun_command(devices: int, launch_file: Path) -> list[str]:
@@ -148,8 +160,8 @@ class Supervisor:
         restarts = 0
         while True:
             attempt = self.attempt()
-            if attempt.error is not None:
-                error = attempt.error
+            error = attempt.error()
+            if error is not None:
                 raise JobFailure(error["code"], error["message"], error.get("param"), error.get("reference"))
             if attempt.diverged is not None:
                 step, message = attempt.diverged
@@ -159,14 +171,19 @@ class Supervisor:
             stopped = self.stopped_result()
             if self.stop_requested() and stopped is not None:
                 return stopped  # asked to stop anyway: it resumes from its last checkpoint later
-            who = (f"training process {', '.join(f'rank {r}' for r in attempt.silent)}" if attempt.silent
-                   else "torchrun")
-            how = f"ended without a word (exit code {attempt.exit_code})"
+            code = attempt.exit_code
+            if code is not None and code < 0:  # torchrun itself was killed; its processes were ended after it
+                who, how = "torchrun", f"was killed (signal {-code})"
+            else:
+                ranks = ", ".join(f"rank {r}" for r in sorted(set(attempt.silent)))
+                who = f"training process {ranks}" if ranks else "torchrun"
+                how = f"ended without a word (torchrun's exit code {code})"
             restarts += 1
             if restarts > self.max_restarts:
-                raise JobFailure("worker_lost", f"The job's {who} {how}, {restarts} times in a row, the most allowed "
-                                 f"(JOB_MAX_ATTEMPTS={self.max_restarts}): killed by the system (out of memory?) or "
-                                 "an operator. Its last checkpoint is kept; the events list each start.")
+                raise JobFailure("worker_lost", f"The job's {who} {how}; its training processes ended that way "
+                                 f"{restarts} times on this worker, more than allowed (JOB_MAX_ATTEMPTS="
+                                 f"{self.max_restarts}): killed by the system (out of memory?) or an operator. Its last "
+                                 "checkpoint is kept; the events list each start.")
             latest = latest_checkpoint(self.launch.config["checkpoint_dir"])
             where = (f"the checkpoint at step {int(latest.name.removeprefix('step-'))}" if latest is not None
                      else "the start (no checkpoint yet)")
@@ -248,7 +265,7 @@ class Supervisor:
             attempt.exit_code = end_processes(process, attempt.pids.values())
             shutil.rmtree(folder, ignore_errors=True)
         missing = [r for r in range(self.launch.devices) if r not in finished and r not in attempt.silent]
-        if attempt.result is None and attempt.error is None and attempt.diverged is None:
+        if attempt.result is None and not attempt.errors and attempt.diverged is None:
             attempt.silent += missing
         return attempt
 
@@ -271,10 +288,7 @@ class Supervisor:
         elif kind == "result":
             attempt.result = args[0]
         elif kind == "failed":
-            if attempt.error is None and args[0]["code"] != "internal_error":
-                attempt.error = args[0]
-            elif attempt.error is None and not attempt.silent:
-                attempt.error = args[0]  # an internal error, unless a silent death came first (then it is a symptom)
+            attempt.errors.append(args[0])
         elif kind == "diverged":
             attempt.diverged = attempt.diverged or (args[0], args[1])
 

@@ -23,7 +23,20 @@ from jobs.queue import enqueue, waiting_job_ids
 
 from . import cleanup
 from .devices import worker_devices
-from .runtime import Runtime
+from .runtime import SHUTTING_DOWN, Runtime
+
+#: The queues this worker consumes (set when it is ready: workers.app), None until then.
+CONSUMED_QUEUES: list[str] | None = None
+
+
+def takes_devices(devices: int, queues: list[str] | None) -> int:
+    """The most devices of a training job this worker takes: its devices, unless the queues it consumes
+    (--queues) stop short of them ("train" 1, "train-N" N; 0 without a training queue)."""
+    if queues is None:
+        return devices
+    counts = [1 if name == "train" else int(name.removeprefix("train-")) for name in queues
+              if name == "train" or (name.startswith("train-") and name.removeprefix("train-").isdigit())]
+    return min(devices, max(counts, default=0))
 
 log = logging.getLogger("workers.sweeper")
 
@@ -59,9 +72,11 @@ def sweep(rt: Runtime) -> Sweep:
                 done.shards.append((job_id, index))
         log.warning("job %s: shard %d's worker stopped renewing its lease", job_id, index)
 
-    devices = worker_devices(settings)  # this worker is live, with its devices; jobs that fit no live worker
-    with rt.transaction() as session:  # are told so, and fail after JOB_DEVICES_WAIT_SECONDS
-        placement.record_worker(session, rt.worker_id, devices.count, devices.type, settings.job_lease_seconds)
+    devices = worker_devices(settings)  # this worker is live, with the training jobs it takes; jobs no live
+    if not SHUTTING_DOWN.is_set():  # worker takes are told so, and fail (or pause) after JOB_DEVICES_WAIT_SECONDS
+        with rt.transaction() as session:
+            placement.record_worker(session, rt.worker_id, takes_devices(devices.count, CONSUMED_QUEUES),
+                                    devices.type, settings.job_lease_seconds)
     with rt.transaction() as session:
         placed = placement.check_placement(session, settings.job_lease_seconds, settings.job_devices_wait_seconds)
     for job_id in placed.failed:

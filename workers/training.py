@@ -140,10 +140,12 @@ def run_training(rt: Runtime, job_id: str) -> None:
     lease_seconds = rt.settings.job_lease_seconds
     have = worker_devices(rt.settings).count
     with rt.transaction() as session:
-        wanted = session.scalar(select(Job.devices).where(Job.id == job_id))
-    if wanted is not None and wanted > have:  # only a worker told --queues beyond its devices gets here
-        log.error("job %s needs %d devices, this worker has %d (WORKER_DEVICES); leaving it queued for a worker "
-                  "that has them: do not name queue train-%d in this worker's --queues", job_id, wanted, have, wanted)
+        row = session.execute(select(Job.devices, Job.status).where(Job.id == job_id)).first()
+    if row is not None and row.devices > have:  # an old message (the job was resumed on more devices), or a
+        if row.status == QUEUED:                # worker told --queues beyond its devices
+            log.error("job %s needs %d devices, this worker has %d (WORKER_DEVICES); leaving it queued for a worker "
+                      "that has them: do not name queue train-%d in this worker's --queues", job_id, row.devices,
+                      have, row.devices)
         return
     with rt.transaction() as session:
         job = execution.claim_job(session, job_id, rt.worker_id, lease_seconds,

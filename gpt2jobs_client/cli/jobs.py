@@ -60,7 +60,10 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--epochs", type=OrAuto(FiniteFloat()),
                      help='Passes over the data (not with --max-steps); "auto": from the dataset\'s size.'),
         click.option("--batch-size", type=OrAuto(click.IntRange(min=1)),
-                     help='Windows per micro-batch; "auto": the worker picks it (and the gradient accumulation).'),
+                     help='Windows per micro-batch (a step is batch size x grad-accum-steps windows, split across '
+                          'the devices); "auto": the worker picks it (and the gradient accumulation).'),
+        click.option("--grad-accum-steps", type=click.IntRange(1, 1024),
+                     help="Micro-batches per optimizer step (default 1)."),
         click.option("--learning-rate", type=OrAuto(FiniteFloat()),
                      help='Peak learning rate; "auto": by method and model size.'),
         click.option("--eval-every", type=click.IntRange(min=0), help="Steps between evaluations (0: never)."),
@@ -87,6 +90,7 @@ def submit_training(ctx: click.Context, kind: str, model: Any, options: dict[str
         raise click.UsageError("--max-steps and --epochs are mutually exclusive")
     hyperparameters = {key: value for key, value in {
         "max_steps": options["max_steps"], "n_epochs": options["epochs"], "batch_size": options["batch_size"],
+        "grad_accum_steps": options["grad_accum_steps"],
         "learning_rate": options["learning_rate"], "eval_every": options["eval_every"],
         "early_stopping_patience": options["early_stopping_patience"],
         "select_model": options["select_model"]}.items() if value is not None}

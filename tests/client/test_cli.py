@@ -193,6 +193,9 @@ def test_pause_resume_checkpoints_and_register_exit_4_while_paused(env: dict[str
                          "--devices", "2", "--json"))
     hyperparameters = auto["hyperparameters"]
     assert auto["devices"] == 2  # queued for a worker with 2 devices (this stack's has 1)
+    split = json.loads(ok(env, *train[:-2], "--batch-size", "2", "--grad-accum-steps", "3", "--devices", "2", "--json"))
+    assert (split["hyperparameters"]["batch_size"], split["hyperparameters"]["grad_accum_steps"]) == (2, 3)
+    assert json.loads(ok(env, "jobs", "cancel", split["id"], "--json"))["status"] == "cancelled"
     assert (hyperparameters["batch_size"], hyperparameters["learning_rate"], hyperparameters["n_epochs"]) == ("auto",) * 3
     assert (hyperparameters["eval_every"], hyperparameters["early_stopping_patience"], hyperparameters["select_model"]) == (5, 2, "best")
     assert json.loads(ok(env, "jobs", "cancel", auto["id"], "--json"))["status"] == "cancelled"

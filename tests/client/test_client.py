@@ -234,7 +234,7 @@ def test_pause_resume_wait_and_register_a_checkpoint_as_a_model(client: Client, 
             client.jobs.resume(queued.id, devices=2)
         assert uneven.value.param == "devices" and client.jobs.get(queued.id).status == "paused"
         resumed = client.jobs.resume(queued.id, devices=1)
-        assert resumed.status == "queued" and not resumed.is_settled
+        assert resumed.status == "queued" and not resumed.is_settled and resumed.devices == 1
         with pytest.raises(ConflictError):
             client.jobs.resume(queued.id)
 

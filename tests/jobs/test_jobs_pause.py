@@ -154,7 +154,7 @@ def test_a_paused_training_job_resumes_on_other_devices_when_its_batch_splits(se
         job = repo.resume_job(s, owner, job_id, devices=1)
         assert (job.status, job.devices, job.params["devices"]) == ("queued", 1, 1)
     last = [e for e in events_of(sessions, job_id)][-1]
-    assert last.message == "Resume requested on 1 device (it ran on 2): the job is back in the queue"
+    assert last.message == "Resume requested on 1 device (it was on 2): the job is back in the queue"
     assert last.data == {"status": "queued", "devices": 1}
 
 

@@ -63,7 +63,7 @@ def test_a_job_no_live_worker_fits_is_told_then_fails_after_the_wait(sessions, o
     done = check(sessions, now)
     assert big in done.told and small not in done.told
     told = events(sessions, big)[-1]
-    assert told.level == "warning" and told.message.startswith("No live worker has 4 devices (the largest has 2)")
+    assert told.level == "warning" and told.message.startswith("No live worker takes jobs on 4 devices (the most any takes: 2)")
     assert check(sessions, now + timedelta(seconds=30)).told == []  # told once
     seen(sessions, f"w-{secrets.token_hex(4)}", 2, now + timedelta(seconds=WAIT))
     assert big in check(sessions, now + timedelta(seconds=WAIT)).failed
@@ -80,10 +80,33 @@ def test_a_waiting_job_is_untold_when_a_big_enough_worker_comes(sessions, owner,
     assert job_id in check(sessions, now + timedelta(seconds=10)).fitting
     job = load(sessions, job_id)
     assert job.status == "queued" and job.devices_wanted_since is None
-    assert events(sessions, job_id)[-1].message.startswith("A worker with 4 or more devices is live")
+    assert events(sessions, job_id)[-1].message.startswith("A worker that takes jobs on 4 devices is live")
+
+
+def test_a_job_that_trained_already_is_paused_not_failed_after_the_wait(sessions, owner, now):
+    from jobs.models import Job
+
+    seen(sessions, f"w-{secrets.token_hex(4)}", 1, now)
+    job_id = job_on(sessions, owner, 2)
+    with session_scope(sessions) as s:
+        s.get(Job, job_id).attempts = 1  # it ran on a two-device worker that is gone now
+    assert job_id in check(sessions, now).told
+    assert "is paused (keeping its checkpoints)" in events(sessions, job_id)[-1].message
+    seen(sessions, f"w-{secrets.token_hex(4)}", 1, now + timedelta(seconds=WAIT))
+    assert job_id in check(sessions, now + timedelta(seconds=WAIT)).paused
+    job = load(sessions, job_id)
+    assert job.status == "paused" and job.error is None
+    assert '{"devices": 1}' in events(sessions, job_id)[-1].message
+
+
+def test_a_one_device_job_is_never_judged_and_a_worker_without_training_queues_takes_none(sessions, owner, now):
+    seen(sessions, f"generate-only-{secrets.token_hex(4)}", 0, now)
+    one, two = job_on(sessions, owner, 1), job_on(sessions, owner, 2)
+    done = check(sessions, now)
+    assert one not in done.told and two in done.told
 
 
 def test_nothing_is_said_while_no_worker_is_live(sessions, owner, now):
     job_id = job_on(sessions, owner, 4)
-    assert check(sessions, now) == placement.Placement([], [], [])
+    assert check(sessions, now) == placement.Placement([], [], [], [])
     assert load(sessions, job_id).devices_wanted_since is None

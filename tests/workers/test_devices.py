@@ -33,3 +33,13 @@ def test_worker_devices_sets_the_count_within_the_gpus_the_worker_sees():
     ("cuda", 10_000, True, False), ("cpu", 10_000, False, False)])
 def test_long_cuda_runs_are_compiled(device, steps, lora, compiled):
     assert compiles(device, steps, lora) is compiled
+
+
+def test_a_worker_takes_jobs_on_as_many_devices_as_its_queues_allow():
+    from workers.sweeper import takes_devices
+
+    assert takes_devices(2, None) == 2  # not ready yet: its devices
+    assert takes_devices(2, ["generate", "train", "train-2"]) == 2
+    assert takes_devices(2, ["generate", "train"]) == 1  # --queues train,generate on a two-device worker
+    assert takes_devices(4, ["train-3", "generate"]) == 3
+    assert takes_devices(2, ["generate"]) == 0
