@@ -14,7 +14,7 @@ import pytest
 from .conftest import module_stack
 from .test_jobs_run import every, finished, submit, train_body, upload, wait_for
 
-STEPS = 150
+STEPS = 90
 #: The per-step losses of a two-device run and its one-device twin agree to this (relative): float sums in
 #: another order, nothing more.
 TOLERANCE = 1e-4
@@ -39,7 +39,7 @@ def corpus(api, tmp_path_factory) -> str:
 
 
 def body(corpus: str, devices: int) -> dict:
-    return {**train_body(corpus, STEPS, eval_every=50, checkpoint_every=10, batch_size=4, grad_accum_steps=2),
+    return {**train_body(corpus, STEPS, eval_every=30, checkpoint_every=10, batch_size=4, grad_accum_steps=2),
             "devices": devices}
 
 
