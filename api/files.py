@@ -1,10 +1,12 @@
-"""/v1/files: upload, list, fetch, download and delete files (training text/JSONL, generation input JSONL)."""
+"""/v1/files: upload, list, fetch, download and delete files (training text/JSONL, generation input JSONL, OpenAI
+batch input, and the platform's batch output files). File objects carry OpenAI's fields too (`status`,
+`status_details`), so the `openai` SDK's client.files reads them."""
 from __future__ import annotations
 
 from flask import request, send_file
 
 from jobs import repository
-from jobs.models import FILE_PURPOSES, File
+from jobs.models import FILE_PURPOSES, UPLOAD_PURPOSES, File
 from jobs import uploads
 
 from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
@@ -15,6 +17,8 @@ files = v1_blueprint("files")
 # Room for the multipart framing around the file, so the size limit applies to the file itself (checked exactly
 # while it is stored) rather than to the whole request body.
 MULTIPART_OVERHEAD = 1 << 20
+#: The orders a list of files comes in (OpenAI's `order`): by creation, oldest or newest first.
+FILE_ORDERS = ("desc", "asc")
 
 
 def file_object(file: File) -> dict:
@@ -28,19 +32,26 @@ def file_object(file: File) -> dict:
         "records": file.records,
         "tokens": file.tokens,
         "created_at": unix(file.created_at),
+        # OpenAI's: every stored file was read whole and accepted at upload (or written whole by the platform).
+        "status": "processed",
+        "status_details": None,
     }
 
 
 @files.post("/files")
 def upload_file():
-    """Upload a file (multipart: `file`, `purpose` train or generate); checked line by line before it is stored."""
+    """Upload a file (multipart: `file`, `purpose` train, fine-tune, generate or batch); checked line by line before
+    it is stored."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Upload files as multipart/form-data with fields file and purpose.")
     request.max_content_length = platform().settings.max_upload_bytes + MULTIPART_OVERHEAD
     refuse_repeated_form_fields("file", "purpose")
     purpose = request.form.get("purpose")
-    if purpose not in FILE_PURPOSES:
-        raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")
+    if purpose == "batch_output":
+        raise ApiError(400, "invalid_request", "purpose batch_output is for the output and error files the platform "
+                       f"writes for a batch; upload with one of {', '.join(UPLOAD_PURPOSES)}", "purpose")
+    if purpose not in UPLOAD_PURPOSES:
+        raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", "purpose")
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ApiError(400, "invalid_request", "the multipart field 'file' is required", "file")
@@ -52,12 +63,15 @@ def upload_file():
 
 @files.get("/files")
 def list_files():
-    """List your files, newest first (`purpose`, `after`, `limit`)."""
+    """List your files, newest first (`purpose`, `order` asc or desc, `after`, `limit`)."""
     purpose = request.args.get("purpose")
     if purpose is not None and purpose not in FILE_PURPOSES:
         raise ApiError(400, "invalid_request", f"purpose must be one of {', '.join(FILE_PURPOSES)}", "purpose")
+    order = request.args.get("order", "desc")
+    if order not in FILE_ORDERS:
+        raise ApiError(400, "invalid_request", "order must be asc (oldest first) or desc (newest first)", "order")
     with unit_of_work() as session:
-        items, has_more = repository.list_files(session, owner(), purpose=purpose, **paging())
+        items, has_more = repository.list_files(session, owner(), purpose=purpose, order=order, **paging())
         return page(items, has_more, file_object)
 
 

@@ -32,13 +32,20 @@ ID_LENGTH = 40  # the longest prefix ("model-") plus 24 characters, with room to
 #: The length limit of every name-like column (owner, file name, model name, custom_id, idempotency key):
 #: checked at the door with jobs.text.check_name, so no database ever refuses one.
 NAME_LENGTH = 255
-FILE_PURPOSES = ("train", "generate")
+#: What a file is for: training text ("train", or OpenAI's "fine-tune", read alike), our prompt lines ("generate"),
+#: OpenAI batch request lines ("batch", jobs.openai_batch), and a batch's output and error files ("batch_output",
+#: written by the platform only: jobs.batches).
+FILE_PURPOSES = ("train", "generate", "fine-tune", "batch", "batch_output")
+#: The purposes a user may upload (batch_output files are the platform's).
+UPLOAD_PURPOSES = ("train", "generate", "fine-tune", "batch")
 JOB_TYPES = ("train", "finetune", "generate")
 EVENT_LEVELS = ("info", "warning", "error")
 EVENT_TYPES = ("message", "metrics")
 MODEL_SOURCES = ("job", "import", "checkpoint")
 SHARD_PENDING, SHARD_RUNNING, SHARD_DONE = "pending", "running", "done"
 SHARD_STATUSES = (SHARD_PENDING, SHARD_RUNNING, SHARD_DONE)
+#: How a batch ended, stored by its finalization (jobs.batches); its other statuses follow from its job.
+BATCH_OUTCOMES = ("completed", "failed", "expired", "cancelled")
 
 
 def new_id(prefix: str) -> str:
@@ -284,3 +291,39 @@ class Worker(Base):
     device_type: Mapped[str] = mapped_column(String(16))  # "cuda" or "cpu"
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Batch(Base):
+    """An OpenAI batch (jobs.batches): the requests of an input file (purpose "batch") run as one generate job.
+
+    What users see as its status is derived from this row and its job (jobs.batches.batch_status). `outcome` is
+    written once: by the validation that refused the batch ("failed", with `errors`), or by the finalization that
+    wrote its output and error files after its job ended (completed, failed, expired or cancelled)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", BATCH_OUTCOMES), name="outcome"),
+        Index(None, "owner", "created_at", "id"),
+        Index(None, "outcome", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)  # "batch_" + 24 hex (OpenAI's style)
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    # No foreign key: the batch keeps naming its input file after the file is deleted, as OpenAI's do.
+    input_file_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(NAME_LENGTH))  # the model its requests name
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    errors: Mapped[list[Any] | None]  # [{"code", "message", "param", "line"}]
+    output_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="SET NULL"))
+    error_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id", ondelete="SET NULL"))
+    request_counts: Mapped[dict[str, Any] | None]  # {"total", "completed", "failed"} once finalized
+    usage: Mapped[dict[str, Any] | None]  # {"input_tokens", "output_tokens"} once finalized
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    cancelling_at: Mapped[datetime | None]  # a cancel was asked for
+    expired_at: Mapped[datetime | None]  # the completion window passed before the job ended: its job was stopped
+    finished_at: Mapped[datetime | None]  # when `outcome` was written

@@ -336,7 +336,8 @@ class GenerateSpec(Strict):
     type: Literal["generate"]
     model: ModelId = Field(description="A registered model id (model-...).")
     prompts: list[str] | None = Field(default=None, min_length=1)
-    input_file: ResourceId | None = Field(default=None, description="A file id with purpose 'generate'.",
+    input_file: ResourceId | None = Field(default=None, description="A file id with purpose 'generate' (or 'batch': "
+                                          "OpenAI batch requests naming this model).",
                                           validate_default=True)
     sampling: Sampling = Field(default_factory=Sampling)
     metadata: Metadata = Field(default_factory=dict)

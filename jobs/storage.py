@@ -84,30 +84,17 @@ class ArtifactStore:
 
         Raises TooLarge (and leaves nothing behind) once more than `max_bytes` arrive.
         """
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        newlines = 0
-        last_byte = b""
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(CHUNK_BYTES):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise TooLarge(f"Upload exceeds the limit of {max_bytes} bytes", param="file")
-                    digest.update(chunk)
-                    newlines += chunk.count(b"\n")
-                    last_byte = chunk[-1:]
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_name, dest)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        lines = newlines + (1 if last_byte not in (b"", b"\n") else 0)
-        return StoredBlob(path=dest, bytes=size, sha256=digest.hexdigest(), lines=lines)
+        with self.writer(dest) as out:
+            while chunk := stream.read(CHUNK_BYTES):
+                if out.bytes + len(chunk) > max_bytes:
+                    raise TooLarge(f"Upload exceeds the limit of {max_bytes} bytes", param="file")
+                out.write(chunk)
+            return out.commit()
+
+    def writer(self, dest: Path) -> "AtomicWriter":
+        """A file written piece by piece (a batch's output file): `with store.writer(path) as out: out.write(...);
+        blob = out.commit()`. Nothing is at `dest` until commit; leaving the block without it removes the pieces."""
+        return AtomicWriter(dest)
 
     def delete(self, path: Path) -> None:
         """Remove a file or a whole directory under the root; a missing path is not an error."""
@@ -118,3 +105,46 @@ class ArtifactStore:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+class AtomicWriter:
+    """Writes `dest` through a temporary file beside it (".<name>.*.tmp", which workers.cleanup removes if a process
+    dies meanwhile), hashing and counting bytes and lines as it goes; `commit` syncs it and renames it into place."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = Path(dest)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp")
+        self.tmp = Path(tmp_name)
+        self.out = os.fdopen(fd, "wb")
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+        self.newlines = 0
+        self.last_byte = b""
+        self.blob: StoredBlob | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.out.write(data)
+        self.digest.update(data)
+        self.bytes += len(data)
+        self.newlines += data.count(b"\n")
+        self.last_byte = data[-1:]
+
+    def commit(self) -> StoredBlob:
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.out.close()
+        os.replace(self.tmp, self.dest)
+        lines = self.newlines + (1 if self.last_byte not in (b"", b"\n") else 0)
+        self.blob = StoredBlob(path=self.dest, bytes=self.bytes, sha256=self.digest.hexdigest(), lines=lines)
+        return self.blob
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.blob is None:
+            self.out.close()
+            self.tmp.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The sweeper: a thread in every worker's main process that runs the database's recovery pass (jobs.recovery)
 every half lease, and once at start, so a worker that starts after an outage picks up what was lost at once:
 jobs whose worker died go back to the queue (or fail after JOB_MAX_ATTEMPTS lost workers), shards whose worker
-died go back to the pool, and queued jobs with no message waiting in the broker get one. Every
+died go back to the pool, and queued jobs with no message waiting in the broker get one. It also expires batches
+past their completion window and writes the output files of batches whose job has ended (jobs.batches). Every
 workers.cleanup.INTERVAL_SECONDS it also removes artifacts nothing refers to (workers.cleanup).
 
 After a pass that could not reach the database, the next pass waits until the database has answered for one
@@ -18,12 +19,13 @@ from sqlalchemy import text
 from dataclasses import dataclass, field
 
 from jobs import placement, recovery
+from jobs.batches import BatchSweep, sweep_batches
 from jobs.errors import BrokerUnavailable
 from jobs.queue import enqueue, waiting_job_ids
 
 from . import cleanup
 from .devices import worker_devices
-from .runtime import SHUTTING_DOWN, Runtime
+from .runtime import SHUTTING_DOWN, Runtime, is_infrastructure_error
 
 #: The queues this worker consumes (set when it is ready: workers.app), None until then.
 CONSUMED_QUEUES: list[str] | None = None
@@ -43,12 +45,13 @@ log = logging.getLogger("workers.sweeper")
 
 @dataclass
 class Sweep:
-    """What one pass did: job ids requeued after a lost worker, (job, shard) pairs returned to the pool, and
-    job ids sent a new message."""
+    """What one pass did: job ids requeued after a lost worker, (job, shard) pairs returned to the pool, job ids
+    sent a new message, and the batches expired and finalized."""
 
     requeued: list[str] = field(default_factory=list)
     shards: list[tuple[str, int]] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
+    batches: BatchSweep = field(default_factory=BatchSweep)
 
 
 def sweep(rt: Runtime) -> Sweep:
@@ -82,6 +85,11 @@ def sweep(rt: Runtime) -> Sweep:
     for job_id in placed.failed:
         log.warning("job %s: no worker with its devices came; failed", job_id)
 
+    # After the jobs' recovery: a job it cancelled (a cancelling job whose worker died) is finalized in this pass.
+    done.batches = sweep_batches(rt.sessions, rt.artifacts, on_error=batch_error)
+    for batch_id in done.batches.expired:
+        log.warning("batch %s: its completion window passed; its job stops", batch_id)
+
     with rt.transaction() as session:
         due = recovery.jobs_to_dispatch(session, settings.job_redispatch_seconds)
     if not due:
@@ -110,6 +118,14 @@ def sweep(rt: Runtime) -> Sweep:
         log.warning("job %s: %s", job_id, message)
         done.dispatched.append(job_id)
     return done
+
+
+def batch_error(batch_id: str, exc: Exception) -> None:
+    """One batch could not be expired or finalized: a database or broker outage ends the pass (as for jobs);
+    anything else is logged, and the next pass tries that batch again while the others go on."""
+    if is_infrastructure_error(exc):
+        raise exc
+    log.warning("batch %s: could not be expired or finalized; trying again on the next pass", batch_id, exc_info=exc)
 
 
 def start_sweeper(rt: Runtime) -> threading.Event:

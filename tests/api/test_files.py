@@ -66,10 +66,10 @@ def test_upload_that_is_not_multipart_is_415(helper, auth, kept, body, content_t
     assert_error(response, 415, "unsupported_media_type", None)
 
 
-@pytest.mark.parametrize("purpose", [None, "", "fine-tune", "TRAIN"])
+@pytest.mark.parametrize("purpose", [None, "", "assistants", "TRAIN", "batch_output"])
 def test_missing_or_invalid_purpose_is_400(helper, auth, kept, purpose):
     message = assert_error(helper.upload(auth, purpose=purpose), 400, "invalid_request", "purpose")
-    assert "train, generate" in message
+    assert "train, generate, fine-tune, batch" in message
 
 
 def test_missing_file_is_400(helper, auth, kept):

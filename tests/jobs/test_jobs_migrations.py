@@ -11,8 +11,8 @@ from jobs.db import make_engine
 from jobs.models import Base
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
-          "generation_shards", "job_metrics", "workers"}
-REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]  # base to head, one line of history
+          "generation_shards", "job_metrics", "workers", "batches"}
+REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]  # base to head, one line of history
 
 
 def test_upgrade_head_creates_every_table(engine):
@@ -76,7 +76,7 @@ def test_0002_adds_generation_shards_and_downgrades_to_0001(backend, fresh_datab
     finally:
         engine.dispose()
     command.downgrade(config, "0001")
-    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics", "workers"}
+    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics", "workers", "batches"}
     assert "generation_shards" not in inspect_tables(url)
     command.upgrade(config, "head")
     command.check(config)
@@ -127,6 +127,55 @@ def test_0007_adds_devices_and_workers_keeping_jobs_and_events(backend, fresh_da
             assert conn.execute(text("SELECT count(*) FROM job_events")).scalar() == 1
         assert "workers" not in inspect(engine).get_table_names()
         assert "devices" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    finally:
+        engine.dispose()
+    command.upgrade(config, "head")
+    command.check(config)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0008_adds_batches_and_file_purposes_and_downgrades_keeping_what_fits(backend, fresh_database_url,
+                                                                              migrations_config):
+    """Files stored before 0008 stay; the new purposes are allowed after it; on the way down fine-tune files become
+    training files, batch files and outputs go (a job that read one keeps its history, the reference NULL), and
+    the job events survive (no table rebuild that would cascade)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    config = migrations_config(fresh_database_url(backend))
+    url = config.attributes["database_url"]
+    command.upgrade(config, "0007")
+    engine = make_engine(url)
+    insert_file = ("INSERT INTO files (id, owner, purpose, filename, bytes, sha256, records, storage_path, created_at) "
+                   "VALUES (:id, 'me', :purpose, 'f', 1, 'x', 1, '/f', CURRENT_TIMESTAMP)")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(insert_file), {"id": "file-old", "purpose": "train"})
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(insert_file), {"id": "file-early", "purpose": "batch"})
+        command.upgrade(config, "0008")
+        assert "batches" in inspect(engine).get_table_names()
+        with engine.begin() as conn:
+            for purpose in ("fine-tune", "batch", "batch_output"):
+                conn.execute(text(insert_file), {"id": f"file-{purpose}", "purpose": purpose})
+            conn.execute(text("INSERT INTO jobs (id, owner, type, status, params, attempts, metadata, workers_lost, "
+                              "created_at, input_file_id) VALUES ('job-b', 'me', 'generate', 'succeeded', '{}', 0, "
+                              "'{}', 0, CURRENT_TIMESTAMP, 'file-batch')"))
+            conn.execute(text("INSERT INTO job_events (job_id, created_at, level, type, message) VALUES "
+                              "('job-b', CURRENT_TIMESTAMP, 'info', 'message', 'Job created')"))
+            conn.execute(text("INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, job_id, "
+                              "output_file_id, created_at, expires_at) VALUES ('batch_1', 'me', '/v1/completions', "
+                              "'file-batch', '24h', 'job-b', 'file-batch_output', CURRENT_TIMESTAMP, "
+                              "CURRENT_TIMESTAMP)"))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE batches SET outcome = 'done'"))
+        command.downgrade(config, "0007")
+        with engine.connect() as conn:
+            assert sorted(conn.execute(text("SELECT id, purpose FROM files")).all()) == [
+                ("file-fine-tune", "train"), ("file-old", "train")]
+            assert conn.execute(text("SELECT input_file_id FROM jobs")).scalar() is None
+            assert conn.execute(text("SELECT count(*) FROM job_events")).scalar() == 1
+        assert "batches" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()
     command.upgrade(config, "head")
