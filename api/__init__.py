@@ -13,10 +13,12 @@ from jobs.queue import make_celery
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore
 
+from .batches import batches
 from .dashboard import dashboard
 from .errors import register_error_handlers
 from .event_stream import StreamSlots
 from .files import files
+from .fine_tuning import fine_tuning_jobs
 from .health import health
 from .jobs import jobs
 from .keys import keys
@@ -52,8 +54,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health)
     app.register_blueprint(openapi)
     app.register_blueprint(files)
+    app.register_blueprint(batches)
     app.register_blueprint(jobs)
     app.register_blueprint(models)
+    app.register_blueprint(fine_tuning_jobs)
     app.register_blueprint(job_metrics)
     app.register_blueprint(dashboard)
     app.cli.add_command(keys)

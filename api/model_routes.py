@@ -25,9 +25,13 @@ TAR_BLOCK = tarfile.BLOCKSIZE
 
 
 def shape(model: Model) -> dict[str, Any]:
+    """A model object: ours, with OpenAI's `created` (the same instant as created_at) and `owned_by` (the owner),
+    which the `openai` SDK's client.models.list() and retrieve() read."""
     return {
         "id": model.id,
         "object": "model",
+        "created": unix(model.created_at),
+        "owned_by": model.owner,
         "name": model.name,
         "source": model.source,
         "job_id": model.job_id,

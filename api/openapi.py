@@ -13,7 +13,12 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 from pydantic import TypeAdapter
 
-from jobs.models import EVENT_LEVELS, EVENT_TYPES, FILE_PURPOSES, JOB_TYPES, MODEL_SOURCES, NAME_LENGTH
+from jobs.fine_tuning import EVENT_CURSOR_PATTERN
+from jobs.fine_tuning import STATUS as FINE_TUNING_STATUS
+from jobs.fine_tuning import FineTuningJobRequest
+from jobs.batches import BatchCreate
+from jobs.models import BATCH_OUTCOMES, EVENT_LEVELS, EVENT_TYPES, FILE_PURPOSES, JOB_TYPES, MODEL_SOURCES, NAME_LENGTH
+from jobs.models import UPLOAD_PURPOSES
 from jobs.specs import JobSpec as JobRequest
 from jobs.specs import ResourceId, ResumeRequest
 from jobs.states import STATUSES
@@ -22,6 +27,7 @@ from jobs.text import NAME_PATTERN
 from jobs.repository import MAX_METRICS_PAGE_SIZE
 
 from .context import DEFAULT_PAGE_SIZE, MAX_INT_CURSOR, MAX_PAGE_SIZE
+from .files import FILE_ORDERS
 from .jobs import IDEMPOTENCY_KEY_PATTERN
 
 openapi = Blueprint("openapi", __name__)
@@ -106,10 +112,14 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         "id": {"type": "string"}, "object": {"const": "file"}, "purpose": {"enum": list(FILE_PURPOSES)},
         "filename": {"type": "string"}, "bytes": {"type": "integer", "minimum": 0},
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "records": {"type": "integer", "minimum": 0, "description": "Documents (train) or prompts (generate)."},
+        "records": {"type": "integer", "minimum": 0, "description": "Documents (train, fine-tune), prompts "
+                                                                    "(generate), requests (batch) or lines "
+                                                                    "(batch_output)."},
         "tokens": {"type": ["integer", "null"], "description": "The exact token count of a training file up to "
                                                                "1 MiB; null otherwise."},
-        "created_at": UNIX_TIME}),
+        "created_at": UNIX_TIME,
+        "status": {"const": "processed", "description": "OpenAI's: every stored file was read whole and accepted."},
+        "status_details": {"type": "null"}}),
     "FileDeleted": deleted("file"),
     "Job": obj({
         "id": {"type": "string"}, "object": {"const": "job"}, "type": {"enum": list(JOB_TYPES)},
@@ -136,7 +146,10 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                    "custom_id": {"type": ["string", "null"]}, "index": {"type": "integer", "minimum": 0},
                    "prompt": {"type": "string"}, "completions": {"type": "array", "items": {"type": "object"}},
                    "usage": {"type": ["object", "null"]}, "error": {"type": ["object", "null"]}}),
-    "Model": obj({"id": {"type": "string"}, "object": {"const": "model"}, "name": {"type": "string"},
+    "Model": obj({"id": {"type": "string"}, "object": {"const": "model"},
+                  "created": {**UNIX_TIME, "description": "OpenAI's name for created_at (the same instant)."},
+                  "owned_by": {"type": "string", "description": "The owner of the API key that made or imported it."},
+                  "name": {"type": "string"},
                   "source": {"enum": list(MODEL_SOURCES)}, "job_id": MAYBE_ID,
                   "checkpoint_step": {"type": ["integer", "null"], "description": "For source checkpoint: the "
                                                                                   "step of job_id's checkpoint."},
@@ -213,11 +226,14 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                                            "every line; "
                                            "a generate file is JSONL with `custom_id` and `prompt` on every line. "
                                            + FILE_NAME_RULE},
-         "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}},
+         "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES), "description": "batch_output files are "
+                     "written by the platform (a batch's output and error files), never uploaded."}},
         ["file", "purpose"], "The file is read whole with the reader its jobs use; a line it refuses is a 400 "
                              "invalid_file naming the line.")},
     "files.list_files": {"content": json_response("FileList"), "parameters": [
         query("purpose", "Only files with this purpose.", {"type": "string", "enum": list(FILE_PURPOSES)}),
+        query("order", "By creation: desc, newest first (the default), or asc, oldest first.",
+              {"type": "string", "enum": list(FILE_ORDERS), "default": "desc"}),
         AFTER_ID, LIMIT]},
     "files.get_file": {"content": json_response("File")},
     "files.file_content": {"content": {"application/octet-stream": {"schema": BINARY}}},
@@ -299,6 +315,96 @@ OPERATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# OpenAI's fine-tuning API over our finetune jobs (api.fine_tuning, jobs.fine_tuning).
+OPENAI_HYPERPARAMETERS = obj({name: {"anyOf": [{"type": "number"}, {"const": "auto"}, {"type": "null"}]}
+                              for name in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+                             '"auto" until the worker resolves it, then the value that ran; batch_size is examples '
+                             "per optimizer step.")
+RESPONSE_SCHEMAS.update({
+    "FineTuningJob": obj({
+        "id": {"type": "string"}, "object": {"const": "fine_tuning.job"}, "created_at": UNIX_TIME,
+        "finished_at": MAYBE_UNIX_TIME, "model": MAYBE_ID, "fine_tuned_model": {
+            "type": ["string", "null"], "description": "The registered model's id, once the job succeeded."},
+        "organization_id": {"type": "string"}, "status": {"enum": sorted(set(FINE_TUNING_STATUS.values()))},
+        "training_file": MAYBE_ID, "validation_file": MAYBE_ID, "hyperparameters": OPENAI_HYPERPARAMETERS,
+        "method": {"type": "object"}, "result_files": {"type": "array", "items": {"type": "string"}},
+        "trained_tokens": {"type": ["integer", "null"]}, "seed": {"type": ["integer", "null"]},
+        "user_provided_suffix": {"type": ["string", "null"]}, "estimated_finish": MAYBE_UNIX_TIME,
+        "integrations": {"type": "array"}, "metadata": {"type": ["object", "null"]},
+        "error": {"type": ["object", "null"]}}, "A finetune job in the shape of OpenAI's fine_tuning.job."),
+    "FineTuningEvent": obj({"id": {"type": "string"}, "object": {"const": "fine_tuning.job.event"},
+                            "created_at": UNIX_TIME, "level": {"enum": ["info", "warn", "error"]},
+                            "message": {"type": "string"}, "data": {"type": "object"},
+                            "type": {"enum": list(EVENT_TYPES)}}),
+    "FineTuningCheckpoint": obj({
+        "id": {"type": "string"}, "object": {"const": "fine_tuning.job.checkpoint"}, "created_at": UNIX_TIME,
+        "fine_tuning_job_id": {"type": "string"}, "fine_tuned_model_checkpoint": {
+            "type": ["string", "null"], "description": "The id of a model made from this checkpoint (registered, "
+                                                       "or the job's own), usable in batches; null until one is."},
+        "step_number": {"type": "integer"}, "metrics": {"type": "object"}}),
+})
+RESPONSE_SCHEMAS.update({"FineTuningJobList": page_of("FineTuningJob", ID),
+                         "FineTuningEventList": page_of("FineTuningEvent", {"type": "string"}),
+                         "FineTuningCheckpointList": page_of("FineTuningCheckpoint", ID)})
+OPERATIONS.update({
+    "fine_tuning.create_fine_tuning_job": {
+        "content": json_response("FineTuningJob"), "errors": ["415", "422"],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref("FineTuningJobRequest")}}}},
+    "fine_tuning.list_fine_tuning_jobs": {"content": json_response("FineTuningJobList"), "parameters": [
+        AFTER_ID, LIMIT, {"name": "metadata", "in": "query", "required": False, "style": "deepObject",
+                          "explode": True, "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                          "description": "metadata[key]=value: only jobs whose metadata has these values."}]},
+    "fine_tuning.get_fine_tuning_job": {"content": json_response("FineTuningJob")},
+    "fine_tuning.cancel_fine_tuning_job": {"content": json_response("FineTuningJob")},
+    "fine_tuning.pause_fine_tuning_job": {"content": json_response("FineTuningJob")},
+    "fine_tuning.resume_fine_tuning_job": {"content": json_response("FineTuningJob")},
+    "fine_tuning.list_fine_tuning_events": {"content": json_response("FineTuningEventList"), "parameters": [
+        query("after", "The last event id of the previous page (older events follow).",
+              {"type": "string", "pattern": EVENT_CURSOR_PATTERN}), LIMIT]},
+    "fine_tuning.list_fine_tuning_checkpoints": {"content": json_response("FineTuningCheckpointList"),
+                                                 "parameters": [AFTER_ID, LIMIT]},
+})
+
+# OpenAI's Batch API over our generate jobs (api.batches, jobs.batches).
+BATCH_ERROR = obj({"code": {"type": ["string", "null"]}, "message": {"type": ["string", "null"]},
+                   "param": {"type": ["string", "null"]}, "line": {"type": ["integer", "null"], "description":
+                                                                    "The input file's line at fault, if one is."}})
+RESPONSE_SCHEMAS.update({
+    "Batch": obj({
+        "id": {"type": "string"}, "object": {"const": "batch"}, "endpoint": {"type": "string"},
+        "errors": {"anyOf": [obj({"object": {"const": "list"}, "data": {"type": "array", "items": BATCH_ERROR}}),
+                             {"type": "null"}], "description": "Why the batch failed: every problem of every "
+                             "request (then none ran), or its job's error."},
+        "input_file_id": {"type": "string"}, "completion_window": {"type": "string"},
+        "status": {"enum": ["validating", "in_progress", "finalizing", "cancelling", *BATCH_OUTCOMES]},
+        "output_file_id": MAYBE_ID, "error_file_id": MAYBE_ID, "created_at": UNIX_TIME,
+        "in_progress_at": MAYBE_UNIX_TIME, "expires_at": UNIX_TIME, "finalizing_at": MAYBE_UNIX_TIME,
+        "completed_at": MAYBE_UNIX_TIME, "failed_at": MAYBE_UNIX_TIME, "expired_at": MAYBE_UNIX_TIME,
+        "cancelling_at": MAYBE_UNIX_TIME, "cancelled_at": MAYBE_UNIX_TIME,
+        "request_counts": obj({"total": {"type": "integer", "minimum": 0}, "completed": {"type": "integer", "minimum": 0},
+                               "failed": {"type": "integer", "minimum": 0}}),
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        "model": {"type": ["string", "null"], "description": "The model every request names."},
+        "usage": obj({"input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"},
+                      "total_tokens": {"type": "integer"},
+                      "input_tokens_details": obj({"cached_tokens": {"type": "integer"}}),
+                      "output_tokens_details": obj({"reasoning_tokens": {"type": "integer"}})}),
+        "job_id": {**MAYBE_ID, "description": "The generate job that runs the requests (null for a batch refused "
+                                              "at creation)."}},
+        "OpenAI's batch object. Its output and error files (purpose batch_output) hold one line per request in "
+        "OpenAI's batch output format."),
+})
+RESPONSE_SCHEMAS["BatchList"] = page_of("Batch", ID)
+OPERATIONS.update({
+    "batches.create_batch": {"content": json_response("Batch"), "errors": ["404", "415", "422"],
+                             "requestBody": {"required": True, "content": {"application/json": {
+                                 "schema": ref("BatchCreate")}}}},
+    "batches.list_batches": {"content": json_response("BatchList"), "parameters": [AFTER_ID, LIMIT]},
+    "batches.get_batch": {"content": json_response("Batch")},
+    "batches.cancel_batch": {"content": json_response("Batch")},
+})
+
+
 def error_statuses(path: str, method: str, extra: list[str]) -> list[str]:
     """The error statuses an operation can answer: every /v1 route checks the key (401) and its path and query
     values (400) and reaches the database (503); a route with an id can miss (404); a write can clash (409)."""
@@ -348,6 +454,10 @@ def job_request_schemas(max_inline_prompts: int) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     components: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     components.update(job_request_schemas(current_app.extensions["gpt2jobs"].settings.max_inline_prompts))
+    fine_tuning_request = TypeAdapter(FineTuningJobRequest).json_schema(ref_template="#/components/schemas/{model}")
+    components.update(fine_tuning_request.pop("$defs", {}))
+    components["FineTuningJobRequest"] = fine_tuning_request
+    components["BatchCreate"] = TypeAdapter(BatchCreate).json_schema(ref_template="#/components/schemas/{model}")
     paths: dict[str, Any] = {}
     for rule in current_app.url_map.iter_rules():
         if rule.endpoint == "static" or rule.endpoint.partition(".")[0] in UNDOCUMENTED_BLUEPRINTS:

@@ -15,7 +15,8 @@ class Files:
         self._t = transport
 
     def upload(self, path: str | Path, purpose: str) -> File:
-        """Upload a training text/JSONL (`purpose="train"`) or a generation input JSONL (`"generate"`)."""
+        """Upload a training text/JSONL (`purpose="train"`, or OpenAI's `"fine-tune"`), a generation input JSONL
+        (`"generate"`) or OpenAI batch request lines (`"batch"`)."""
         path = Path(path)
 
         def parts(stack: ExitStack) -> dict[str, Any]:

@@ -75,8 +75,9 @@ def _check_limit(limit: int) -> None:
 
 
 def _newest_first_page(session: Session, stmt: Select, model: type[Owned], owner: str, after: str | None,
-                       limit: int) -> tuple[list[Owned], bool]:
-    """One page of `stmt` ordered by (created_at, id) descending, starting after the row whose id is `after`."""
+                       limit: int, oldest_first: bool = False) -> tuple[list[Owned], bool]:
+    """One page of `stmt` ordered by (created_at, id) descending (ascending with `oldest_first`), starting after
+    the row whose id is `after`."""
     _check_limit(limit)
     if after is not None:
         cursor = session.execute(
@@ -84,13 +85,18 @@ def _newest_first_page(session: Session, stmt: Select, model: type[Owned], owner
         ).one_or_none()
         if cursor is None:
             raise InvalidInput(f"Unknown cursor {after!r}", param="after")
-        stmt = stmt.where(
-            or_(
-                model.created_at < cursor.created_at,
-                and_(model.created_at == cursor.created_at, model.id < cursor.id),
+        if oldest_first:
+            stmt = stmt.where(or_(model.created_at > cursor.created_at,
+                                  and_(model.created_at == cursor.created_at, model.id > cursor.id)))
+        else:
+            stmt = stmt.where(
+                or_(
+                    model.created_at < cursor.created_at,
+                    and_(model.created_at == cursor.created_at, model.id < cursor.id),
+                )
             )
-        )
-    rows = session.scalars(stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).all()
+    order = (model.created_at, model.id) if oldest_first else (model.created_at.desc(), model.id.desc())
+    rows = session.scalars(stmt.order_by(*order).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
 
 
@@ -166,11 +172,14 @@ def get_file(session: Session, owner: str, file_id: str) -> File:
 
 
 def list_files(session: Session, owner: str, purpose: str | None = None, after: str | None = None,
-               limit: int = 20) -> tuple[list[File], bool]:
+               limit: int = 20, order: str = "desc") -> tuple[list[File], bool]:
+    """The owner's files, newest first (`order` "desc") or oldest first ("asc"), of one purpose if given."""
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc", param="order", status=400)
     stmt = select(File).where(File.owner == owner)
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
-    return _newest_first_page(session, stmt, File, owner, after, limit)
+    return _newest_first_page(session, stmt, File, owner, after, limit, oldest_first=order == "asc")
 
 
 def delete_file(session: Session, owner: str, file_id: str) -> File:
@@ -195,8 +204,13 @@ def delete_file(session: Session, owner: str, file_id: str) -> File:
 
 # Jobs
 
+#: The purposes of the files a job may read: training text ("train", or OpenAI's "fine-tune", read alike), and
+#: prompts (our "generate" lines, or OpenAI "batch" request lines: jobs.openai_batch).
+TRAINING_PURPOSES = ("train", "fine-tune")
+INPUT_PURPOSES = ("generate", "batch")
 
-def _check_file_reference(session: Session, owner: str, file_id: str, purpose: str, param: str) -> File:
+
+def _check_file_reference(session: Session, owner: str, file_id: str, purposes: tuple[str, ...], param: str) -> File:
     """The referenced file, share-locked until the job's transaction ends: a concurrent delete (which locks the
     row for update) waits and then sees the job, or deletes first and this finds no file. Never both."""
     file = session.scalars(
@@ -204,8 +218,9 @@ def _check_file_reference(session: Session, owner: str, file_id: str, purpose: s
     ).one_or_none()
     if file is None:
         raise InvalidInput(f"No file with id {file_id!r}", param=param)
-    if file.purpose != purpose:
-        raise InvalidInput(f"File {file_id!r} has purpose {file.purpose!r}; {param} needs {purpose!r}", param=param)
+    if file.purpose not in purposes:
+        wanted = " or ".join(repr(p) for p in purposes)
+        raise InvalidInput(f"File {file_id!r} has purpose {file.purpose!r}; {param} needs {wanted}", param=param)
     return file
 
 
@@ -264,13 +279,13 @@ def create_job(
     if type == "finetune" and base_model_id is None:
         raise InvalidInput("A finetune job needs a base model", param="model")
     progress = None
-    for file_id, purpose, param in (
-        (training_file_id, "train", "training_file"),
-        (validation_file_id, "train", "validation_file"),
-        (input_file_id, "generate", "input_file"),
+    for file_id, purposes, param in (
+        (training_file_id, TRAINING_PURPOSES, "training_file"),
+        (validation_file_id, TRAINING_PURPOSES, "validation_file"),
+        (input_file_id, INPUT_PURPOSES, "input_file"),
     ):
         if file_id is not None:
-            file = _check_file_reference(session, owner, file_id, purpose, param)
+            file = _check_file_reference(session, owner, file_id, purposes, param)
             if param == "input_file":
                 progress = {"total": file.records, "completed": 0, "failed": 0}
     if base_model_id is not None:
@@ -406,14 +421,16 @@ def add_event(session: Session, job_id: str, message: str, *, level: str = "info
 
 
 def list_events(session: Session, owner: str, job_id: str, after: int | None = None,
-                limit: int = 20) -> tuple[list[JobEvent], bool]:
-    """A job's events oldest first; `after` is the id of the last event already seen."""
+                limit: int = 20, newest_first: bool = False) -> tuple[list[JobEvent], bool]:
+    """A job's events oldest first (or `newest_first`, as OpenAI's fine-tuning events); `after` is the id of the
+    last event already seen (the next page holds newer events, or older ones when newest first)."""
     _check_limit(limit)
     get_job(session, owner, job_id)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
-        stmt = stmt.where(JobEvent.id > after)
-    rows = session.scalars(stmt.order_by(JobEvent.id).limit(limit + 1)).all()
+        stmt = stmt.where(JobEvent.id < after if newest_first else JobEvent.id > after)
+    order = JobEvent.id.desc() if newest_first else JobEvent.id
+    rows = session.scalars(stmt.order_by(order).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
 
 

@@ -26,8 +26,9 @@ def files() -> None:
 
 @files.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--purpose", required=True, type=click.Choice(["train", "generate"]),
-              help="train: a training text or JSONL; generate: a generation input JSONL.")
+@click.option("--purpose", required=True, type=click.Choice(["train", "generate", "fine-tune", "batch"]),
+              help="train (or OpenAI's fine-tune): a training text or JSONL; generate: a generation input JSONL; "
+                   "batch: OpenAI batch request lines.")
 @json_option
 @click.pass_context
 def files_upload(ctx: click.Context, path: Path, purpose: str, as_json: bool) -> None:
@@ -40,7 +41,8 @@ def files_upload(ctx: click.Context, path: Path, purpose: str, as_json: bool) ->
 
 
 @files.command("list")
-@click.option("--purpose", type=click.Choice(["train", "generate"]), help="Only files of this purpose.")
+@click.option("--purpose", type=click.Choice(["train", "generate", "fine-tune", "batch", "batch_output"]),
+              help="Only files of this purpose.")
 @json_option
 @click.pass_context
 def files_list(ctx: click.Context, purpose: str | None, as_json: bool) -> None:

@@ -63,6 +63,16 @@ REFUSALS = [
     refusal("GET /v1/files", 400, "invalid_input", {"after"}, CURSOR),
     refusal("GET /v1/jobs", 400, "invalid_input", {"after"}, CURSOR),
     refusal("GET /v1/models", 400, "invalid_input", {"after"}, CURSOR),
+    refusal("GET /v1/batches", 400, "invalid_input", {"after"}, CURSOR),
+    refusal("GET /v1/fine_tuning/jobs", 400, "invalid_input", {"after"}, CURSOR),
+    refusal("GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", 400, "invalid_request", {"after"}, CURSOR),
+    refusal("POST /v1/fine_tuning/jobs", 400, "invalid_input", {"training_file", "validation_file", "model"},
+            "a referenced file or model must be the caller's, and a file must have a training purpose"),
+    refusal("POST /v1/fine_tuning/jobs", 422, "invalid_request", {"hyperparameters", "suffix", "training_file"},
+            "hyperparameters given twice (top level and method) must agree; limits that depend on the referenced "
+            "model or file: enough tokens for its context, a model name '<base>:<suffix>' within 255 characters"),
+    refusal("POST /v1/batches", 400, "invalid_request", {"input_file_id"},
+            "the input file must have been uploaded with purpose batch, which only the stored row can tell"),
     refusal("POST /v1/jobs", 400, "invalid_input", {"training_file", "validation_file", "input_file", "model"},
             "a referenced file or model must be the caller's, and a file must have the purpose its field needs"),
     refusal("POST /v1/jobs", 422, "invalid_request", {"model", "hyperparameters.warmup_steps", "devices"},
@@ -110,9 +120,16 @@ def seed(api: Api) -> None:
 
     train = created(api.post("/v1/files", files={"file": ("train.txt", TRAIN_TEXT)}, data={"purpose": "train"}), 201)
     created(api.post("/v1/files", files={"file": ("prompts.jsonl", GENERATE_JSONL)}, data={"purpose": "generate"}), 201)
-    created(api.post("/v1/models", files={"file": ("tiny.tar.gz", tar_bytes(checkpoint()))}), 201)
+    model = created(api.post("/v1/models", files={"file": ("tiny.tar.gz", tar_bytes(checkpoint()))}), 201)
+    requests = json.dumps({"custom_id": "q1", "method": "POST", "url": "/v1/completions",
+                           "body": {"model": model, "prompt": "Hello", "max_tokens": 4}}).encode() + b"\n"
+    batch_file = created(api.post("/v1/files", files={"file": ("requests.jsonl", requests)}, data={"purpose": "batch"}),
+                         201)
+    created(api.post("/v1/batches", json={"input_file_id": batch_file, "endpoint": "/v1/completions",
+                                          "completion_window": "24h"}), 200)
     created(api.post("/v1/jobs", json={"type": "train", "training_file": train,
                                        "model": {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}}), 202)
+    created(api.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": train}), 200)
 
 
 def fuzz_config(keys: dict[str, str], folder: Path, max_examples: int = MAX_EXAMPLES) -> schemathesis.Config:

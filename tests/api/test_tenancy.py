@@ -22,6 +22,8 @@ from tests.api.conftest import GENERATE_JSONL, TRAIN_TEXT
 from tests.api.test_models import checkpoint, tar_bytes
 
 ROUTE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+#: An OpenAI batch input file of one request; MODEL is replaced by a model id.
+BATCH_JSONL = b'{"custom_id": "q1", "method": "POST", "url": "/v1/completions", "body": {"model": "MODEL", "prompt": "Hi"}}\n'
 
 
 def v1_routes(app) -> list[tuple[str, str]]:
@@ -71,9 +73,17 @@ def victim(helper, auth) -> dict[str, str]:
     [checkpoint_id] = helper.add_checkpoints(job["id"], [10])
     train_job = helper.train_job(auth)["id"]
     helper.add_metrics(train_job, [1, 2])
+    batch_file = helper.upload_file(auth, BATCH_JSONL.replace(b"MODEL", base_model.encode()), "requests.jsonl", "batch")
+    batch = helper.client.post("/v1/batches", json={"input_file_id": batch_file["id"], "endpoint": "/v1/completions",
+                                                    "completion_window": "24h"}, headers=auth).json
+    assert batch["status"] == "validating", batch
+    fine_tuning = helper.client.post("/v1/fine_tuning/jobs", json={"model": base_model, "training_file": helper.upload_file(
+        auth)["id"]}, headers=auth).json
+    assert fine_tuning["status"] == "queued", fine_tuning
     return {"file_id": helper.upload_file(auth)["id"], "job_id": job["id"], "model_id": helper.create_model(auth),
+            "fine_tuning_job_id": fine_tuning["id"],
             "input_file": helper.generation_file(auth)["id"], "base_model": base_model, "train_job": train_job,
-            "checkpoint_id": checkpoint_id}
+            "checkpoint_id": checkpoint_id, "batch_id": batch["id"], "batch_file": batch_file["id"]}
 
 
 def snapshot(helper, headers, ids) -> dict:
@@ -89,7 +99,8 @@ def snapshot(helper, headers, ids) -> dict:
         "events": get(f"/v1/jobs/{ids['job_id']}/events").json,
         "results": get(f"/v1/jobs/{ids['job_id']}/results").json,
         "model": get(f"/v1/models/{ids['model_id']}").json,
-        "lists": [get(f"/v1/{kind}?limit=100").json for kind in ("files", "jobs", "models")],
+        "batch": get(f"/v1/batches/{ids['batch_id']}").json,
+        "lists": [get(f"/v1/{kind}?limit=100").json for kind in ("files", "jobs", "models", "batches")],
     }
 
 
@@ -152,6 +163,35 @@ def import_model_probe(helper, other, ids):
     assert [m["id"] for m in helper.client.get("/v1/models", headers=other).json["data"]] == [response.json["id"]]
 
 
+def list_batches_probe(helper, other, ids):
+    assert helper.client.get("/v1/batches", headers=other).json["data"] == []
+    assert_bad_cursor(helper, "/v1/batches", other, ids["batch_id"])
+
+
+def create_batch_probe(helper, other, ids):
+    body = {"input_file_id": ids["batch_file"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    assert_not_found(helper.client.post("/v1/batches", json=body, headers=other))
+    # Their own file naming the victim's model: the batch is theirs, failed, and the model is not found.
+    own = helper.upload_file(other, BATCH_JSONL.replace(b"MODEL", ids["base_model"].encode()), "mine.jsonl", "batch")
+    batch = helper.client.post("/v1/batches", json={**body, "input_file_id": own["id"]}, headers=other).json
+    assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "model_not_found"
+    assert [b["id"] for b in helper.client.get("/v1/batches", headers=other).json["data"]] == [batch["id"]]
+
+
+def list_fine_tuning_jobs_probe(helper, other, ids):
+    assert helper.client.get("/v1/fine_tuning/jobs", headers=other).json["data"] == []
+    assert_bad_cursor(helper, "/v1/fine_tuning/jobs", other, ids["fine_tuning_job_id"])
+
+
+def create_fine_tuning_job_probe(helper, other, ids):
+    body = {"model": ids["base_model"], "training_file": ids["file_id"]}
+    response = helper.client.post("/v1/fine_tuning/jobs", json=body, headers=other)
+    assert response.status_code == 400 and response.json["error"]["param"] == "model", response.json
+    own_model = helper.create_model(other)
+    response = helper.client.post("/v1/fine_tuning/jobs", json={**body, "model": own_model}, headers=other)
+    assert response.status_code == 400 and response.json["error"]["param"] == "training_file", response.json
+
+
 COLLECTION_PROBES = {
     ("/v1/files", "GET"): list_files_probe,
     ("/v1/files", "POST"): upload_file_probe,
@@ -159,6 +199,10 @@ COLLECTION_PROBES = {
     ("/v1/jobs", "POST"): submit_job_probe,
     ("/v1/models", "GET"): list_models_probe,
     ("/v1/models", "POST"): import_model_probe,
+    ("/v1/batches", "GET"): list_batches_probe,
+    ("/v1/batches", "POST"): create_batch_probe,
+    ("/v1/fine_tuning/jobs", "GET"): list_fine_tuning_jobs_probe,
+    ("/v1/fine_tuning/jobs", "POST"): create_fine_tuning_job_probe,
 }
 
 
@@ -167,6 +211,8 @@ def test_another_owners_resources_are_not_found_and_unchanged(helper, auth, othe
     rule, method = route
     if rule.endswith("/resume"):  # a job its owner may resume
         assert helper.client.post(f"/v1/jobs/{victim['job_id']}/pause", headers=auth).json["status"] == "paused"
+        assert helper.client.post(f"/v1/jobs/{victim['fine_tuning_job_id']}/pause",
+                                  headers=auth).json["status"] == "paused"
     before = snapshot(helper, auth, victim)
     if ROUTE_ARGUMENT.search(rule):
         url = url_for(rule, {**victim, "job_id": victim["train_job"]} if rule in TRAINING_JOB_ROUTES else victim)
