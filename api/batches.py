@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from jobs import batches as domain
-from jobs import repository
+from jobs import batch_output, repository
 from jobs.batches import BatchCreate
 from jobs.errors import BrokerUnavailable
 from jobs.queue import enqueue
@@ -63,7 +63,7 @@ def cancel_batch(batch_id: str):
     with unit_of_work() as session:
         domain.cancel_batch(session, owner(), batch_id)
     try:  # a job that was not running is cancelled at once: write the batch's files now
-        domain.finalize_batch(platform().sessions, platform().artifacts, batch_id)
+        batch_output.finalize_batch(platform().sessions, platform().artifacts, batch_id)
     except Exception:  # the workers' sweep finalizes it
         log.warning("batch %s: finalizing after the cancel failed; the workers' sweep will", batch_id, exc_info=True)
     with unit_of_work() as session:

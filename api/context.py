@@ -61,8 +61,15 @@ def reject_unstorable_text() -> None:
                            name)
 
 
-def refuse_repeated_form_fields(*names: str) -> None:
-    """400 naming a multipart field sent more than once: which copy was meant is not for the server to guess."""
+def check_form_fields(*names: str) -> None:
+    """400 naming a multipart field other than `names` (a setting this server does not have, such as the openai
+    SDK's expires_after, is refused rather than ignored), or one sent more than once: which copy was meant is not
+    for the server to guess."""
+    for name in [*request.form, *request.files]:
+        if name not in names:
+            shown = name if storable(name) and len(name) <= 64 else ascii(name[:64])
+            raise ApiError(400, "invalid_request", f"the multipart field {shown!r} is not supported (fields: "
+                           f"{', '.join(names)})", shown)
     for name in names:
         if len(request.form.getlist(name)) + len(request.files.getlist(name)) > 1:
             raise ApiError(400, "invalid_request", f"the multipart field '{name}' was sent more than once", name)

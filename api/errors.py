@@ -26,8 +26,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+#: Statuses the openai SDK retries by default: a 409 here is a resource's state (a finished job, a file in use),
+#: which the same request will meet again, so it says not to (the SDK honours x-should-retry).
+NOT_RETRYABLE = {409}
+
+
 def error_response(status: int, code: str, message: str, param: str | None = None):
-    return jsonify(error={"code": code, "message": message, "param": param}), status
+    response = jsonify(error={"code": code, "message": message, "param": param})
+    if status in NOT_RETRYABLE:
+        response.headers["x-should-retry"] = "false"
+    return response, status
 
 
 def validation_param(error: ErrorDetails) -> str:
@@ -112,8 +120,10 @@ def register_error_handlers(app: Flask) -> None:
         # line of defence): nothing was stored. The details name tables and values: log them, answer in general.
         reference = new_reference()
         app.logger.warning("integrity error (reference %s): %s", reference, exc)
-        return error_response(409, "conflict", f"The request conflicts with a concurrent change; nothing was "
-                              f"stored (reference {reference}). Try again.")
+        response, status = error_response(409, "conflict", f"The request conflicts with a concurrent change; "
+                                          f"nothing was stored (reference {reference}). Try again.")
+        response.headers["x-should-retry"] = "true"  # a race, not a state: the same request may well succeed
+        return response, status
 
     @app.errorhandler(OSError)
     def storage_full(exc: OSError):

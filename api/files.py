@@ -9,7 +9,7 @@ from jobs import repository
 from jobs.models import FILE_PURPOSES, UPLOAD_PURPOSES, File
 from jobs import uploads
 
-from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, check_form_fields, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 from .model_routes import remove_quietly
 
@@ -45,7 +45,7 @@ def upload_file():
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Upload files as multipart/form-data with fields file and purpose.")
     request.max_content_length = platform().settings.max_upload_bytes + MULTIPART_OVERHEAD
-    refuse_repeated_form_fields("file", "purpose")
+    check_form_fields("file", "purpose")
     purpose = request.form.get("purpose")
     if purpose == "batch_output":
         raise ApiError(400, "invalid_request", "purpose batch_output is for the output and error files the platform "

@@ -13,9 +13,10 @@ from typing import Any
 from flask import Response, current_app, request
 
 from jobs import model_import, repository
+from jobs.repository import MAX_PAGE_SIZE
 from jobs.models import Model
 
-from .context import owner, page, paging, platform, refuse_repeated_form_fields, unit_of_work, unix, v1_blueprint
+from .context import owner, page, paging, platform, check_form_fields, unit_of_work, unix, v1_blueprint
 from .errors import ApiError
 
 models = v1_blueprint("models")
@@ -44,10 +45,19 @@ def shape(model: Model) -> dict[str, Any]:
 
 @models.get("/models")
 def list_models():
-    """List your models, newest first (`after`, `limit`)."""
+    """List your models, newest first (`after`, `limit`); without `limit`, all of them (OpenAI's models list is
+    not paged: the `openai` SDK's client.models.list() reads one answer)."""
+    query = paging()
     with unit_of_work() as session:
-        items, has_more = repository.list_models(session, owner(), **paging())
-        return page(items, has_more, shape)
+        if "limit" in request.args:
+            items, has_more = repository.list_models(session, owner(), **query)
+            return page(items, has_more, shape)
+        items, has_more, after = [], True, query["after"]
+        while has_more:
+            chunk, has_more = repository.list_models(session, owner(), after=after, limit=MAX_PAGE_SIZE)
+            items += chunk
+            after = chunk[-1].id if chunk else after
+        return page(items, False, shape)
 
 
 @models.get("/models/<model_id>")
@@ -83,7 +93,7 @@ def import_model():
     """Import a Hugging Face format archive (multipart `file`, a tar or zip of config.json and weights)."""
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "Send the model archive as multipart/form-data.", "file")
-    refuse_repeated_form_fields("file", "name")
+    check_form_fields("file", "name")
     upload = request.files.get("file")
     if upload is None:
         raise ApiError(400, "invalid_request", "A 'file' part with the model archive is required.", "file")

@@ -284,7 +284,10 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "jobs.stream_results": {"content": {"application/x-ndjson": {"schema": {
         "type": "string", "description": "One Result object (without id) per line, in input order."}}},
         "headers": RESULTS_HEADERS},
-    "models.list_models": {"content": json_response("ModelList"), "parameters": [AFTER_ID, LIMIT]},
+    "models.list_models": {"content": json_response("ModelList"), "parameters": [AFTER_ID, query(
+        "limit", f"Page size, 1 to {MAX_PAGE_SIZE}. Default: every model (after `after`) in one answer, as OpenAI's "
+                 "models list, which the openai SDK does not page.",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE})]},
     "models.get_model": {"content": json_response("Model")},
     "models.delete_model": {"content": json_response("ModelDeleted")},
     "models.import_model": {"status": "201", "content": json_response("Model"), "errors": ["413", "415", "507"],

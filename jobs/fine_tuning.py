@@ -150,6 +150,9 @@ def job_object(job: Job, base_model: Model | None, now: float | None = None) -> 
     estimated = None
     if job.status == RUNNING and isinstance(progress.get("eta_seconds"), (int, float)):
         estimated = int((now or time.time()) + progress["eta_seconds"])
+    method: dict[str, Any] = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    if (job.params.get("method") or {}).get("type") == "lora":  # submitted through /v1/jobs: say what it is
+        method["lora"] = {k: v for k, v in job.params["method"].items() if k != "type"}
     error = None
     if job.error:
         error = {"code": job.error.get("code"), "message": job.error.get("message"), "param": job.error.get("param")}
@@ -165,7 +168,7 @@ def job_object(job: Job, base_model: Model | None, now: float | None = None) -> 
         "training_file": job.training_file_id,
         "validation_file": job.validation_file_id,
         "hyperparameters": hyper,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method,
         "result_files": [],
         "trained_tokens": progress.get("tokens") if job.status == SUCCEEDED else None,
         "seed": job.params.get("seed"),

@@ -293,6 +293,18 @@ class Worker(Base):
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class DeletedItem(Base):
+    """Where a deleted file or model stood in its owner's list (newest first by created_at, then id), so that a
+    page whose last item was deleted can still be followed with `after` (jobs.repository.remember_deleted)."""
+
+    __tablename__ = "deleted_items"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    created_at: Mapped[datetime]
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class Batch(Base):
     """An OpenAI batch (jobs.batches): the requests of an input file (purpose "batch") run as one generate job.
 

@@ -234,7 +234,7 @@ def _request(record: dict[str, Any], number: int, index: int, custom_id: str, re
     for name, (_, value) in NO_OP_PARAMETERS.items():
         if name in body and not is_no_op(name, body[name]):
             problem("unsupported_parameter", f"body.{name}", f"body.{name} {_json(body[name])} is not supported: "
-                    f"only {value}, which changes nothing, is")
+                    f"only {value} (which changes nothing) is accepted")
     if body.get("user") is not None and not isinstance(body["user"], str):
         problem("invalid_value", "body.user", f"body.user must be a string, got {_json(body['user'])}")
 

@@ -5,7 +5,7 @@ simply a full read that keeps nothing. The line rules (UTF-8, a leading BOM drop
 read as LF, a lone CR is content) are gpt2core.corpus's, the very functions training reads files with; see the
 README's "File formats".
 
-* Training files: plain UTF-8 text (one document), or JSONL (by the file name: :func:`is_jsonl`) with a string
+* Training files: plain UTF-8 text (one document), or JSONL (by purpose and name: :func:`training_file_is_jsonl`) with a string
   "text", or a string "prompt" and a string "completion", on every line (gpt2core.corpus.training_record: one
   rule for the upload check and for training).
 * Generation files: JSONL, one ``{"custom_id": str, "prompt": str, "sampling": {...}}`` object per line
@@ -80,6 +80,14 @@ def is_jsonl(filename: str) -> bool:
     return filename.lower().endswith(JSONL_SUFFIXES)
 
 
+def training_file_is_jsonl(purpose: str, filename: str) -> bool:
+    """Whether a training file is read as JSONL: every "fine-tune" file (OpenAI's fine-tuning files are JSONL
+    whatever their name, and the `openai` SDK names bytes it uploads "upload"), and a "train" file named
+    *.jsonl, *.ndjson or *.json (any other "train" file is plain text). The upload check and training both ask
+    this."""
+    return purpose == "fine-tune" or is_jsonl(filename)
+
+
 class FileRejected(InvalidInput):
     """A file that breaks its format's rules; the message names the file and line."""
 
@@ -151,18 +159,20 @@ def check_generation_file(stream: BinaryIO, filename: str) -> int:
     return sum(1 for _ in read_generation_file(stream, filename))
 
 
-def read_training_file(stream: BinaryIO, filename: str, count_tokens: bool = False) -> tuple[int, int | None]:
+def read_training_file(stream: BinaryIO, filename: str, count_tokens: bool = False, *,
+                       jsonl: bool | None = None) -> tuple[int, int | None]:
     """Read a whole training file as training would (gpt2core.corpus), in one pass: (documents, tokens), tokens
     only when `count_tokens` (GPT-2 BPE of each document plus its end-of-text token, gpt2core.data's rule; for a
     prompt/completion record, the prompt's tokens and the completion's, each tokenized alone, plus the EOT: the
     prompt's count as tokens too, though they are not loss targets).
 
-    FileRejected for a line that breaks the rules, and for a file without any text (training would have no
-    tokens)."""
+    `jsonl`: read as JSONL or as plain text (default: by the file name; training_file_is_jsonl says it for a
+    stored file). FileRejected for a line that breaks the rules, and for a file without any text (training would
+    have no tokens)."""
     encode = _token_counter() if count_tokens else None
     documents, tokens = 0, 0
     try:
-        if is_jsonl(filename):
+        if is_jsonl(filename) if jsonl is None else jsonl:
             for record in iter_training_records(stream):
                 if not record.empty:
                     documents += 1

@@ -11,10 +11,10 @@ import hmac
 import json
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,7 @@ from jobs.models import (
     NAME_LENGTH,
     ApiKey,
     Checkpoint,
+    DeletedItem,
     File,
     GenerationResult,
     Job,
@@ -74,6 +75,18 @@ def _check_limit(limit: int) -> None:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE_SIZE}", param="limit")
 
 
+#: How long a deleted file's or model's place in its list is remembered, so that a page whose last item was
+#: deleted can still be followed ("for f in client.files.list(): client.files.delete(f.id)").
+DELETED_CURSOR_DAYS = 7
+
+
+def remember_deleted(session: Session, item: File | Model) -> None:
+    """Keep a deleted item's place (id, owner, created_at) as a cursor, and forget places older than
+    DELETED_CURSOR_DAYS."""
+    session.execute(delete(DeletedItem).where(DeletedItem.deleted_at < _utcnow() - timedelta(days=DELETED_CURSOR_DAYS)))
+    session.add(DeletedItem(id=item.id, owner=item.owner, created_at=item.created_at))
+
+
 def _newest_first_page(session: Session, stmt: Select, model: type[Owned], owner: str, after: str | None,
                        limit: int, oldest_first: bool = False) -> tuple[list[Owned], bool]:
     """One page of `stmt` ordered by (created_at, id) descending (ascending with `oldest_first`), starting after
@@ -83,6 +96,9 @@ def _newest_first_page(session: Session, stmt: Select, model: type[Owned], owner
         cursor = session.execute(
             select(model.created_at, model.id).where(model.id == after, model.owner == owner)
         ).one_or_none()
+        if cursor is None:  # deleted since the page that named it was read: its place is remembered
+            cursor = session.execute(select(DeletedItem.created_at, DeletedItem.id).where(
+                DeletedItem.id == after, DeletedItem.owner == owner)).one_or_none()
         if cursor is None:
             raise InvalidInput(f"Unknown cursor {after!r}", param="after")
         if oldest_first:
@@ -197,6 +213,7 @@ def delete_file(session: Session, owner: str, file_id: str) -> File:
     ).first()
     if in_use is not None:
         raise Conflict(f"File {file_id!r} is used by unfinished job {in_use!r}", param="file_id")
+    remember_deleted(session, file)
     session.delete(file)
     session.flush()
     return file
@@ -506,6 +523,7 @@ def delete_model(session: Session, owner: str, model_id: str) -> Model:
     ).first()
     if in_use is not None:
         raise Conflict(f"Model {model_id!r} is used by unfinished job {in_use!r}", param="model_id")
+    remember_deleted(session, model)
     session.delete(model)
     session.flush()
     return model

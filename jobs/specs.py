@@ -38,7 +38,7 @@ PresetName = Literal["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 PERIODIC = {"eval_every": "only the final evaluation will run", "checkpoint_every": "only the final "
             "checkpoint will be written", "sample_every": "no samples will be drawn"}
 MAX_SEED = 2**63 - 1
-SUFFIX_MAX = 40
+SUFFIX_MAX = 64  # as OpenAI's fine-tuning suffix
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
     Field(max_length=16, description="Up to 16 key-value pairs: keys up to 64 characters, values up to 512."),

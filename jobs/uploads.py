@@ -15,7 +15,7 @@ from jobs.db import session_scope
 from jobs.errors import InvalidRequest
 from jobs.models import NAME_LENGTH, UPLOAD_PURPOSES, File, new_id
 from jobs.openai_batch import check_batch_file
-from jobs.readers import TOKEN_COUNT_MAX_BYTES, check_generation_file, read_training_file
+from jobs.readers import TOKEN_COUNT_MAX_BYTES, check_generation_file, read_training_file, training_file_is_jsonl
 from jobs.storage import ArtifactStore
 from jobs.text import check_name
 
@@ -42,7 +42,8 @@ def upload_file(sessions: sessionmaker[Session], store: ArtifactStore, owner: st
         tokens = None
         with blob.path.open("rb") as stored:
             if purpose in ("train", "fine-tune"):  # one read: checked, and token-counted when small
-                records, tokens = read_training_file(stored, filename, blob.bytes <= TOKEN_COUNT_MAX_BYTES)
+                records, tokens = read_training_file(stored, filename, blob.bytes <= TOKEN_COUNT_MAX_BYTES,
+                                                     jsonl=training_file_is_jsonl(purpose, filename))
             elif purpose == "batch":  # readable as batch input; its requests are judged when a batch is created
                 records = check_batch_file(stored, filename)
             else:

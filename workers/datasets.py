@@ -11,7 +11,7 @@ from pathlib import Path
 from gpt2core import GPT2Tokenizer, load_dataset, prepare_dataset
 from gpt2core.data import FORMAT_VERSION, DatasetError, PreparedDataset
 from jobs.models import File
-from jobs.readers import is_jsonl
+from jobs.readers import training_file_is_jsonl
 
 from .runtime import Runtime
 
@@ -54,7 +54,9 @@ def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
     prompt/completion file also their loss masks (``train_mask``/``val_mask``, None for text), which
     prepare_dataset writes and load_dataset opens by themselves. (The key needs no new format version: text
     datasets are written as before, and no earlier version accepted prompt/completion lines.)"""
-    key = f"{file.sha256}-{GPT2Tokenizer.name}-v{FORMAT_VERSION}-val{val_fraction:g}"
+    jsonl = training_file_is_jsonl(file.purpose, file.filename)
+    # The same bytes read as JSONL or as text make different datasets: the format is part of the key.
+    key = f"{file.sha256}-{GPT2Tokenizer.name}-v{FORMAT_VERSION}-{'jsonl' if jsonl else 'text'}-val{val_fraction:g}"
     folder = rt.artifacts.root / "datasets" / key
     with locked(dataset_lock(folder)):
         try:
@@ -63,5 +65,5 @@ def prepared(rt: Runtime, file: File, val_fraction: float) -> PreparedDataset:
             pass
         # The format the upload was checked as, read by the same gpt2core.corpus functions.
         prepare_dataset([Path(file.storage_path)], folder, val_fraction=val_fraction,
-                        format="jsonl" if is_jsonl(file.filename) else "text")
+                        format="jsonl" if jsonl else "text")
         return load_dataset(folder)

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from dataclasses import dataclass, field
 
 from jobs import placement, recovery
-from jobs.batches import BatchSweep, sweep_batches
+from jobs.batch_output import BatchSweep, sweep_batches
 from jobs.errors import BrokerUnavailable
 from jobs.queue import enqueue, waiting_job_ids
 

@@ -26,7 +26,7 @@ from jobs.auto import auto_global_batch, cpu_micro_batch_limit, has_auto, resolv
 from jobs.errors import BrokerUnavailable, DomainError
 from jobs.models import Checkpoint, File, Job, Model
 from jobs.queue import enqueue
-from jobs.readers import HELD_OUT_FRACTION, is_jsonl
+from jobs.readers import HELD_OUT_FRACTION, training_file_is_jsonl
 from jobs.specs import PERIODIC, FinetuneSpec, LoraMethod, TrainSpec, job_spec
 from jobs.storage import disk_full_error
 from jobs.states import CANCELLED, FAILED, PAUSED, QUEUED, SUCCEEDED
@@ -268,8 +268,11 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
                 trainer.resume(resume_from)
                 reporter.event(f"Resumed from the checkpoint at step {trainer.step}")
             else:
+                held = (f", {val_tokens.size:,} held out of the training file for validation (its last "
+                        f"{HELD_OUT_FRACTION:.0%}; give a validation_file to keep them)"
+                        if has_val and validation is None else "")
                 reporter.event(f"Training {trainer.describe_parameters()} for {steps} steps on {trainer.device}; "
-                               f"{dataset.train.size:,} training tokens")
+                               f"{dataset.train.size:,} training tokens{held}")
             with full_disk_fails_job(lambda: f"the checkpoint at step {trainer.step}", config.checkpoint_dir):
                 result = trainer.fit()
             trained = model
@@ -337,7 +340,7 @@ def resolve_auto_hyperparameters(spec: TrainSpec, training_file: File, model: GP
     """The spec with its "auto" hyperparameters resolved (jobs.auto), and how, for the job's event."""
     hyper = spec.hyperparameters
     block_size = model.config.block_size
-    jsonl = is_jsonl(training_file.filename)
+    jsonl = training_file_is_jsonl(training_file.purpose, training_file.filename)
     examples = (round(training_file.records * train_tokens / max(training_file.tokens or train_tokens, 1))
                 if jsonl else train_tokens // block_size)
     method = spec.method.type if isinstance(spec, FinetuneSpec) else "train"

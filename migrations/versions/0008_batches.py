@@ -1,4 +1,5 @@
-"""OpenAI batches: the batches table, and the file purposes "fine-tune" (training text, read as "train"), "batch"
+"""OpenAI batches: the batches table; deleted_items (where a deleted file or model stood in its list, so a list
+being deleted page by page can be followed); and the file purposes "fine-tune" (training text, read as "train"), "batch"
 (OpenAI batch request lines) and "batch_output" (a batch's output and error files, written by the platform).
 
 On SQLite the files.purpose CHECK constraint is edited in place (see _replace_check, as in 0006).
@@ -81,9 +82,20 @@ def upgrade() -> None:
     op.create_index(op.f("ix_batches_owner_created_at_id"), "batches", ["owner", "created_at", "id"])
     op.create_index(op.f("ix_batches_outcome_expires_at"), "batches", ["outcome", "expires_at"])
     op.create_index(op.f("ix_batches_job_id"), "batches", ["job_id"])
+    op.create_table(
+        "deleted_items",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("owner", sa.String(255), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_deleted_items")),
+    )
+    op.create_index(op.f("ix_deleted_items_deleted_at"), "deleted_items", ["deleted_at"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_deleted_items_deleted_at"), "deleted_items")
+    op.drop_table("deleted_items")
     op.drop_index(op.f("ix_batches_job_id"), "batches")
     op.drop_index(op.f("ix_batches_outcome_expires_at"), "batches")
     op.drop_index(op.f("ix_batches_owner_created_at_id"), "batches")

@@ -215,3 +215,36 @@ def test_delete_is_409_while_an_unfinished_job_uses_the_file(helper, auth, use):
     assert helper.client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json["status"] == "cancelled"
     assert helper.client.delete(f"/v1/files/{file['id']}", headers=auth).status_code == 200
     assert helper.client.get(f"/v1/jobs/{job['id']}", headers=auth).json[use] is None
+
+
+def test_a_list_can_be_followed_while_its_items_are_deleted(helper, auth):
+    # for f in client.files.list(): client.files.delete(f.id): the next page starts after a deleted file
+    ids = [helper.upload_file(auth, b"some text", f"f{i}.txt")["id"] for i in range(5)]
+    first = helper.client.get("/v1/files?limit=2", headers=auth).json
+    for item in first["data"]:
+        assert helper.client.delete(f"/v1/files/{item['id']}", headers=auth).status_code == 200
+    rest = helper.client.get(f"/v1/files?limit=2&after={first['last_id']}", headers=auth).json
+    assert [f["id"] for f in rest["data"]] == [ids[2], ids[1]] and rest["has_more"] is True
+    oldest_first = helper.client.get(f"/v1/files?order=asc&after={first['data'][0]['id']}", headers=auth).json
+    assert oldest_first["data"] == []
+    model = helper.create_model(auth)
+    newer = helper.create_model(auth)
+    assert helper.client.delete(f"/v1/models/{newer}", headers=auth).status_code == 200
+    assert [m["id"] for m in helper.client.get(f"/v1/models?after={newer}", headers=auth).json["data"]] == [model]
+    # another owner cannot use the deleted item's place
+    assert helper.client.get(f"/v1/files?after={ids[4]}", headers=helper_other(helper)).status_code == 400
+
+
+def helper_other(helper) -> dict[str, str]:
+    from tests.api.conftest import new_key
+
+    return new_key(helper.app, "someone-else")
+
+
+def test_a_multipart_field_the_server_does_not_have_is_refused(helper, auth):
+    # the openai SDK's files.create(..., expires_after=...): refused, not silently ignored
+    response = helper.client.post("/v1/files", data={"file": (io.BytesIO(b"text"), "a.txt"), "purpose": "train",
+                                                     "expires_after[anchor]": "created_at"},
+                                  headers=auth, content_type="multipart/form-data")
+    assert response.status_code == 400 and response.json["error"]["param"] == "expires_after[anchor]"
+    assert helper.client.get("/v1/files", headers=auth).json["data"] == []

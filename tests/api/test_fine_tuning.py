@@ -78,7 +78,7 @@ def test_method_supervised_carries_the_hyperparameters(helper, auth, refs):
     ({"hyperparameters": {"n_epochs": "3"}}, "hyperparameters.n_epochs"),
     ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
     ({"hyperparameters": {"warmup": 3}}, "hyperparameters.warmup"),
-    ({"suffix": "x" * 41}, "suffix"),
+    ({"suffix": "x" * 65}, "suffix"),  # OpenAI's limit: 64
     ({"suffix": "no spaces"}, "suffix"),
     ({"model": "gpt2"}, "model"),
     ({"hyperparameters": {"n_epochs": 1}, "method": {"type": "supervised", "supervised": {
@@ -206,3 +206,14 @@ def test_checkpoints_are_newest_first_with_their_models(helper, auth, refs):
         registered = model.id
     listed = helper.client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=auth).json["data"]
     assert [c["fine_tuned_model_checkpoint"] for c in listed] == ["model-final", None, registered]
+
+
+def test_a_fine_tune_file_is_jsonl_whatever_its_name(helper, auth):
+    # the openai SDK names bytes it uploads "upload": the purpose, not the name, says the format
+    as_fine_tune = helper.upload_file(auth, PROMPT_COMPLETION, "upload", "fine-tune")
+    assert (as_fine_tune["records"], as_fine_tune["status"]) == (400, "processed")
+    as_train = helper.upload_file(auth, PROMPT_COMPLETION, "upload", "train")
+    assert as_train["records"] == 1 and as_train["tokens"] > as_fine_tune["tokens"]  # one text: the JSON itself
+    refused = helper.upload(auth, b"plain text, not JSON\n", "notes.txt", "fine-tune")
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "invalid_file"
+    assert "line 1" in refused.json["error"]["message"]

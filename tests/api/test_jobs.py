@@ -382,6 +382,7 @@ def test_cancel_a_queued_job(helper, auth):
 
     again = helper.client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
     assert "already finished (cancelled)" in assert_error(again, 409, "conflict", None)
+    assert again.headers["x-should-retry"] == "false"  # the openai SDK would otherwise retry a 409
 
 
 def test_cancel_a_running_job_asks_the_worker(helper, auth):

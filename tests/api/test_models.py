@@ -357,3 +357,15 @@ def test_gpt2core_checkpoint_imports_and_downloads_loadable(client, auth, tiny_m
     tokens = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert torch.equal(loaded(tokens)[0], tiny_model(tokens)[0])
+
+
+def test_without_a_limit_the_list_holds_every_model_as_openais_does(helper, auth):
+    # the openai SDK's client.models.list() reads one answer and never follows has_more
+    ids = [helper.create_model(auth, name=f"m{i}") for i in range(25)]
+    listed = helper.client.get("/v1/models", headers=auth).json
+    assert [m["id"] for m in listed["data"]] == ids[::-1] and listed["has_more"] is False
+    first = listed["data"][0]
+    assert first["owned_by"] == helper.owner_of(auth) and first["created"] == first["created_at"]
+    after = helper.client.get(f"/v1/models?after={ids[5]}", headers=auth).json
+    assert [m["id"] for m in after["data"]] == ids[4::-1]
+    assert len(helper.client.get("/v1/models?limit=20", headers=auth).json["data"]) == 20

@@ -71,6 +71,8 @@ REFUSALS = [
     refusal("POST /v1/fine_tuning/jobs", 422, "invalid_request", {"hyperparameters", "suffix", "training_file"},
             "hyperparameters given twice (top level and method) must agree; limits that depend on the referenced "
             "model or file: enough tokens for its context, a model name '<base>:<suffix>' within 255 characters"),
+    refusal("POST /v1/batches", 400, "invalid_input", {"input_file_id"},
+            "the input file must be the caller's, which only the stored rows can tell"),
     refusal("POST /v1/batches", 400, "invalid_request", {"input_file_id"},
             "the input file must have been uploaded with purpose batch, which only the stored row can tell"),
     refusal("POST /v1/jobs", 400, "invalid_input", {"training_file", "validation_file", "input_file", "model"},

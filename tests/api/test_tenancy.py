@@ -170,7 +170,8 @@ def list_batches_probe(helper, other, ids):
 
 def create_batch_probe(helper, other, ids):
     body = {"input_file_id": ids["batch_file"], "endpoint": "/v1/completions", "completion_window": "24h"}
-    assert_not_found(helper.client.post("/v1/batches", json=body, headers=other))
+    response = helper.client.post("/v1/batches", json=body, headers=other)  # as a missing file: 400 naming it
+    assert response.status_code == 400 and response.json["error"]["param"] == "input_file_id", response.json
     # Their own file naming the victim's model: the batch is theirs, failed, and the model is not found.
     own = helper.upload_file(other, BATCH_JSONL.replace(b"MODEL", ids["base_model"].encode()), "mine.jsonl", "batch")
     batch = helper.client.post("/v1/batches", json={**body, "input_file_id": own["id"]}, headers=other).json

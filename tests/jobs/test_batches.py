@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs import batches, execution, repository, shards, uploads
+from jobs import batch_output, batches, execution, repository, shards, uploads
 from jobs.batches import BatchCreate, batch_status
 from jobs.db import session_scope
 from jobs.errors import Conflict
@@ -110,7 +110,8 @@ def job_in(status: str, started: bool = True) -> Job:
     (row(), job_in(CANCELLING), "cancelling"),  # its job cancelled through /v1/jobs
     (row(expired=True), job_in(CANCELLING), "finalizing"),
     (row(), job_in(SUCCEEDED), "finalizing"),
-    (row(cancelling=True), job_in(CANCELLED), "finalizing"),
+    (row(cancelling=True), job_in(CANCELLED), "cancelling"),  # OpenAI's cancel path has no finalizing
+    (row(cancelling=True), job_in(SUCCEEDED), "cancelling"),  # it finished first: completed once finalized
     (row(), None, "finalizing"),
     *[(row(outcome=o), job_in(s), o) for o, s in (("completed", SUCCEEDED), ("failed", FAILED),
                                                    ("expired", CANCELLED), ("cancelled", CANCELLED))],
@@ -147,7 +148,7 @@ def test_finalization_writes_openai_output_and_error_lines_once(sessions, store,
     live = reload(sessions, batch.id)  # before finalization: counts and usage read from the job and its results
     assert live["status"] == "finalizing" and live["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
     assert (live["usage"]["input_tokens"], live["usage"]["output_tokens"]) == (6, 9)
-    assert batches.finalize_batch(sessions, store, batch.id)
+    assert batch_output.finalize_batch(sessions, store, batch.id)
     shown = reload(sessions, batch.id)
     assert shown["status"] == "completed" and shown["completed_at"] is not None and shown["errors"] is None
     assert shown["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
@@ -179,7 +180,7 @@ def test_finalization_writes_openai_output_and_error_lines_once(sessions, store,
     assert [(f.owner, f.purpose, f.filename, f.records) for f in files] == [
         (owner, "batch_output", f"{batch.id}_output.jsonl", 2), (owner, "batch_output", f"{batch.id}_error.jsonl", 2)]
     before = stored_files(store)
-    assert not batches.finalize_batch(sessions, store, batch.id)  # once: nothing more is written
+    assert not batch_output.finalize_batch(sessions, store, batch.id)  # once: nothing more is written
     assert stored_files(store) == before and reload(sessions, batch.id) == shown
 
 
@@ -190,7 +191,7 @@ def test_concurrent_finalizations_store_one_set_of_files(sessions, store, owner)
 
     def finalize():
         barrier.wait()
-        outcomes.append(batches.finalize_batch(sessions, store, batch.id))
+        outcomes.append(batch_output.finalize_batch(sessions, store, batch.id))
 
     threads = [threading.Thread(target=finalize) for _ in range(3)]
     for thread in threads:
@@ -209,7 +210,7 @@ def test_a_failed_job_fails_its_batch_with_the_job_s_error(sessions, store, owne
     run_shards(sessions, job.id, [[ok(0), ok(1)]], finish=False)
     with session_scope(sessions) as session:
         shards.finish_generation(session, job.id, error={"code": "worker_lost", "message": "lost", "param": None})
-    assert batches.sweep_batches(sessions, store).finalized.count(batch.id) == 1
+    assert batch_output.sweep_batches(sessions, store).finalized.count(batch.id) == 1
     shown = reload(sessions, batch.id)
     assert shown["status"] == "failed" and shown["failed_at"] is not None
     assert shown["errors"]["data"] == [{"code": "worker_lost", "message": "lost", "param": None, "line": None}]
@@ -236,10 +237,10 @@ def test_a_running_batch_past_its_window_stops_and_ends_expired_with_what_was_do
     run_shards(sessions, job.id, [[ok(0), ok(1)]], finish=False)  # shard 1 not done yet
     with session_scope(sessions) as session:
         running_shard = shards.claim_shard(session, job.id, WORKER, 30).index  # being generated
-    assert batches.sweep_batches(sessions, store).expired.count(batch.id) == 0  # not due yet
+    assert batch_output.sweep_batches(sessions, store).expired.count(batch.id) == 0  # not due yet
     expire_now(sessions, batch.id)
 
-    swept = batches.sweep_batches(sessions, store)
+    swept = batch_output.sweep_batches(sessions, store)
     assert batch.id in swept.expired and batch.id not in swept.finalized
     with session_scope(sessions) as session:
         assert session.get(Job, job.id).status == CANCELLING  # cooperatively: the running shard finishes
@@ -252,7 +253,7 @@ def test_a_running_batch_past_its_window_stops_and_ends_expired_with_what_was_do
         shards.complete_shard(session, job.id, running_shard, WORKER, [ok(2), failed(3, "prompt_too_long")])
     with session_scope(sessions) as session:
         assert shards.finish_generation(session, job.id).status == CANCELLED
-    assert batch.id in batches.sweep_batches(sessions, store).finalized
+    assert batch.id in batch_output.sweep_batches(sessions, store).finalized
     shown = reload(sessions, batch.id)
     assert shown["status"] == "expired" and shown["expired_at"] is not None
     assert shown["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
@@ -262,7 +263,7 @@ def test_a_running_batch_past_its_window_stops_and_ends_expired_with_what_was_do
 def test_a_queued_batch_past_its_window_expires_in_one_sweep_with_every_request_unrun(sessions, store, owner):
     batch, job = make_batch(sessions, store, owner, count=3)
     expire_now(sessions, batch.id)
-    swept = batches.sweep_batches(sessions, store)
+    swept = batch_output.sweep_batches(sessions, store)
     assert batch.id in swept.expired and batch.id in swept.finalized
     shown = reload(sessions, batch.id)
     assert shown["status"] == "expired" and shown["output_file_id"] is None
@@ -281,10 +282,10 @@ def test_a_job_that_finishes_before_it_stops_completes_its_batch(sessions, store
     with session_scope(sessions) as session:
         index = shards.claim_shard(session, job.id, WORKER, 30).index
     expire_now(sessions, batch.id)
-    assert batch.id in batches.sweep_batches(sessions, store).expired
+    assert batch.id in batch_output.sweep_batches(sessions, store).expired
     with session_scope(sessions) as session:
         shards.complete_shard(session, job.id, index, WORKER, [ok(0), ok(1)])
         transition(session.get(Job, job.id), SUCCEEDED)  # cancelling -> succeeded: done before it noticed
-    assert batch.id in batches.sweep_batches(sessions, store).finalized
+    assert batch.id in batch_output.sweep_batches(sessions, store).finalized
     shown = reload(sessions, batch.id)
     assert shown["status"] == "completed" and shown["expired_at"] is None and shown["error_file_id"] is None

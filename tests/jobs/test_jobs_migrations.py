@@ -11,7 +11,7 @@ from jobs.db import make_engine
 from jobs.models import Base
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_events", "checkpoints", "generation_results",
-          "generation_shards", "job_metrics", "workers", "batches"}
+          "generation_shards", "job_metrics", "workers", "batches", "deleted_items"}
 REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]  # base to head, one line of history
 
 
@@ -76,7 +76,7 @@ def test_0002_adds_generation_shards_and_downgrades_to_0001(backend, fresh_datab
     finally:
         engine.dispose()
     command.downgrade(config, "0001")
-    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics", "workers", "batches"}
+    assert set(inspect_tables(url)) >= TABLES - {"generation_shards", "job_metrics", "workers", "batches", "deleted_items"}
     assert "generation_shards" not in inspect_tables(url)
     command.upgrade(config, "head")
     command.check(config)

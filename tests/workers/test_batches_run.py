@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from api import create_app
 from gpt2core import GPT2, GPT2Config
-from jobs import repository
+from jobs import batch_output, repository
 from jobs.db import session_scope
 from jobs.models import GenerationResult, Job
 from jobs.settings import Settings
@@ -137,7 +137,7 @@ def test_the_sweeper_expires_overdue_batches_and_finalizes_those_a_lost_worker_l
         shown = {b.id: batches.batch_object(session, b) for b in session.scalars(select(Batch))}
     assert shown[overdue.id]["status"] == "expired" and shown[cancelled.id]["status"] == "cancelled"
     assert shown[cancelled.id]["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
-    assert sweep(rt).batches == batches.BatchSweep()  # nothing left to do
+    assert sweep(rt).batches == batch_output.BatchSweep()  # nothing left to do
 
 
 def test_a_generate_job_reads_a_batch_file_with_the_batch_reader(rt, owner, tmp_path):
