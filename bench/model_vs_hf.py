@@ -6,15 +6,21 @@ Same random weights, same inputs. Prints tokens/s for each and the ratio (gpt2co
     F.scaled_dot_product_attention with is_causal=True, which takes the flash kernel on CUDA (checked on CUDA).
     Then the achieved model TFLOP/s (gpt2core.flops: 6N + 12·L·H·Q·T per token) and MFU against the device's
     dense bf16 peak, looked up by its name (gpt2core.flops.PEAK_BF16) or given with --peak-tflops;
-  - generation: 16 prompts of mixed lengths (8 to 200 tokens), 64 new tokens each, sampling
-    (temperature 0.8, top-k 50, top-p 0.95); transformers runs one left-padded batched generate().
+  - generation: --gen-prompts prompts (default 16) of mixed lengths (8 to 200 tokens), --new-tokens new tokens
+    each (default 64; end-of-text ignored on both sides, so both make exactly prompts x new tokens), sampling
+    (temperature 0.8, top-k 50, top-p 0.95); transformers runs one left-padded batched generate(), gpt2core one
+    generate() call (its batch size its default: 32 on CPU, from free memory on CUDA). fp32 on CPU; on CUDA both
+    models in bf16 (weights and KV cache), transformers with its default dynamic cache and eager forward, or with
+    --hf-static-cache its static cache, whose decode steps it compiles itself (torch.compile, CUDA graphs).
 
     python bench/model_vs_hf.py                   # gpt2 (124M) preset
     python bench/model_vs_hf.py --preset gpt2 --train-batch 16 --train-seq 1024 --repeats 5   # MFU on a GPU
+    python bench/model_vs_hf.py --skip-training --gen-prompts 256 --new-tokens 256 --gen-repeats 3   # GPU generation
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import tempfile
 import time
@@ -117,16 +123,44 @@ def peak_for(device: torch.device, override: float | None) -> tuple[float | None
 
 
 def mixed_prompts(tok: GPT2Tokenizer, count: int = 16, shortest: int = 8, longest: int = 200) -> list[list[int]]:
+    """`count` prompts of lengths evenly spread over [shortest, longest] tokens, cut 1,000 tokens apart from
+    Python's documentation (closer when that is too short for them all: about 140,000 tokens)."""
     import pydoc_data.topics
 
     corpus = tok.encode("\n".join(pydoc_data.topics.topics.values()))
     lengths = torch.linspace(shortest, longest, count).round().long().tolist()
-    return [corpus[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
+    step = min(1000, (len(corpus) - longest) // count)
+    return [corpus[i * step : i * step + n] for i, n in enumerate(lengths)]
 
 
-def bench_generation(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.device) -> tuple[float, float]:
+class EngineLog(logging.Handler):
+    """Keeps gpt2core.generation's last summary line (slots, rounds, CUDA graphs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.last = "step by step (CPU engine)"
+        logger = logging.getLogger("gpt2core.generation")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+
+def hf_generate_fn(theirs: GPT2LMHeadModel, input_ids, attention_mask, new_tokens: int, pad: int, static: bool):
+    kwargs = dict(cache_implementation="static") if static else {}
+
+    def run() -> torch.Tensor:
+        return theirs.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=0.8,
+                               top_k=50, top_p=0.95, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               pad_token_id=pad, **kwargs)
+
+    return run
+
+
+def bench_generation(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.device) -> tuple[float, float, str]:
     tok = GPT2Tokenizer()
-    prompts = mixed_prompts(tok)
+    prompts = mixed_prompts(tok, args.gen_prompts)
     new_tokens = args.new_tokens
     params = SamplingParams(
         max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=0, ignore_eos=True
@@ -138,36 +172,44 @@ def bench_generation(ours: GPT2, theirs: GPT2LMHeadModel, args, device: torch.de
         input_ids[row, width - len(p) :] = torch.tensor(p)
         attention_mask[row, width - len(p) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        ours.to(torch.bfloat16), theirs.to(torch.bfloat16)  # (after training, which keeps fp32 master weights)
+    engine = EngineLog()
 
     def run_ours() -> None:
         results = generate(ours, tok, prompts, params)
         assert all(len(r.completions[0].token_ids) == new_tokens for r in results)
 
+    hf_mode = "dynamic cache, eager"
+    generate_theirs = hf_generate_fn(theirs, input_ids, attention_mask, new_tokens, tok.eot_id, False)
+    if args.hf_static_cache:
+        try:
+            with torch.inference_mode():
+                static = hf_generate_fn(theirs, input_ids, attention_mask, new_tokens, tok.eot_id, True)
+                static()  # compiles
+            generate_theirs = static
+            hf_mode = "static cache" + (", decode compiled by generate()" if device.type == "cuda" else "")
+        except Exception as error:  # an unsupported combination: fall back to the plain call
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"  (transformers' static cache failed, plain generate() measured instead: {first_line})")
+
     def run_theirs() -> None:
-        out = theirs.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=True,
-            temperature=0.8,
-            top_k=50,
-            top_p=0.95,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=tok.eot_id,
-        )
+        out = generate_theirs()
         assert out.shape[1] == width + new_tokens
 
     runs = {"ours": run_ours, "theirs": run_theirs}
     ours.eval(), theirs.eval()
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode():
         for run in runs.values():
             run()
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):
+        for _ in range(args.gen_repeats or args.repeats):
             for name, run in runs.items():
                 times[name].append(timed(run, device))
     tokens = len(prompts) * new_tokens
-    return tokens / min(times["ours"]), tokens / min(times["theirs"])
+    dtype = str(ours.transformer.wte.weight.dtype).removeprefix("torch.")
+    setup = f"{dtype}; gpt2core: {engine.last}; transformers: {hf_mode}"
+    return tokens / min(times["ours"]), tokens / min(times["theirs"]), setup
 
 
 def main() -> None:
@@ -176,7 +218,11 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-seq", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gen-prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-repeats", type=int, help="repeats of the generation comparison (default --repeats)")
+    parser.add_argument("--hf-static-cache", action="store_true", help="transformers with its static cache (and "
+                        "the compilation generate() then does on CUDA) instead of its default dynamic cache")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU, instead of the "
                         "dense bf16 peak looked up by the device's name (gpt2core.flops.PEAK_BF16; H100 SXM: 989)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -216,9 +262,9 @@ def main() -> None:
             print(f"{label} training: {achieved_tflops(tokens_per_second, flops):.4g} TFLOP/s achieved{utilization}")
         print(f"peak: {peak} TFLOP/s ({why})" if peak else why)
     if not args.skip_generation:
-        a, b = bench_generation(ours, theirs, args, device)
-        print(f"generation (16 prompts, 8-200 tokens, {args.new_tokens} new): gpt2core {a:9.1f} tok/s   "
-              f"transformers {b:9.1f} tok/s   ratio {a / b:.2f}x")
+        a, b, setup = bench_generation(ours, theirs, args, device)
+        print(f"generation ({args.gen_prompts} prompts, 8-200 tokens, {args.new_tokens} new; {setup}): "
+              f"gpt2core {a:9.1f} tok/s   transformers {b:9.1f} tok/s   ratio {a / b:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .config import GPT2_VOCAB_SIZE, GPT2Config
 
 
 class CacheView(Protocol):
-    """How attention reads and writes a key/value cache during generation (see generation.py)."""
+    """How attention reads and writes a key/value cache during generation (see gpt2core.generation.engine)."""
 
     attn_mask: torch.Tensor | None  # None means plain causal attention over the keys `write` returns
 

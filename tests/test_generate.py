@@ -5,6 +5,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from gpt2core import generation
+from gpt2core.generation import engine
+from gpt2core.generation.seeds import _completion_seed, _int64
 from gpt2core.generation import (
     Completion,
     GenerationResult,
@@ -274,7 +276,7 @@ def test_onednn_matmuls_match_the_plain_ones(model, tokenizer, monkeypatch):
     """Decoding a batch on CPU goes through oneDNN with prepacked weights, only for the duration of the call."""
     packed = generate(model, tokenizer, PROMPTS * 2, SAMPLED)
     assert not any("forward" in vars(m) for m in model.modules())
-    monkeypatch.setattr(generation, "ONEDNN_ROWS", range(0))
+    monkeypatch.setattr(engine, "ONEDNN_ROWS", range(0))
     assert token_ids(generate(model, tokenizer, PROMPTS * 2, SAMPLED)) == token_ids(packed)
 
 
@@ -340,3 +342,98 @@ def test_runs_under_autocast_and_in_bfloat16(model, tokenizer):
     assert all(r.completions[0].num_tokens == SAMPLED.max_new_tokens for r in results)
     results = generate(model.to(torch.bfloat16), tokenizer, PROMPTS, SAMPLED)
     assert all(r.completions[0].num_tokens == SAMPLED.max_new_tokens for r in results)
+
+
+# The slot engine (CUDA's default; here through sync_every) and the counter-based uniforms.
+
+def test_uniforms_are_splitmix64_and_the_same_from_python_and_tensors():
+    # splitmix64's first outputs from state 1234567 (the reference vectors of Vigna's splitmix64.c / Java's
+    # SplittableRandom), top 53 bits.
+    reference = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                 16408922859458223821]
+    assert [generation.uniform_for(1234567, t) for t in range(5)] == [(x >> 11) * 2.0**-53 for x in reference]
+    seeds = [0, 1, 2**63 - 1, 2**63, 2**64 - 1, 1234567] + [_completion_seed(s, j) for s in range(20) for j in range(3)]
+    steps = [0, 1, 7, 255, 1023, 2**31]
+    expected = torch.tensor([[generation.uniform_for(s, t) for t in steps] for s in seeds], dtype=torch.float64)
+    got = generation.uniforms_for(torch.tensor([_int64(s) for s in seeds])[:, None], torch.tensor(steps))
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+    many = generation.uniforms_for(torch.tensor(_int64(_completion_seed(7, 0))), torch.arange(100_000))
+    assert 0 <= many.min() and many.max() < 1 and abs(many.mean().item() - 0.5) < 0.005
+    assert abs((many < 0.1).double().mean().item() - 0.1) < 0.005
+
+
+def _outputs(results):
+    return [[(c.token_ids, c.text, c.finish_reason) for c in r.completions] for r in results]
+
+
+def test_slot_engine_gives_the_step_by_step_tokens(eot_model, tokenizer):
+    """All slots stepping with sampling on the device, tokens read back every k steps, finish checks then: the
+    same completions as step by step, whatever k and the number of slots (finished completions' extra draws are
+    dropped, waiting prompts fill freed slots between rounds)."""
+    prompts = [p * (1 + i % 3) for i, p in enumerate(PROMPTS * 3)]
+    params = [
+        SamplingParams(
+            max_new_tokens=3 + 2 * i,
+            temperature=0.9 if i % 2 else 0,
+            top_k=20 * (i % 3),
+            top_p=0.9 if i % 3 == 1 else 1.0,
+            repetition_penalty=1.3 if i % 5 == 2 else 1.0,
+            n=1 + (i % 4 == 3),
+            seed=i,
+            stop=["e"] if i % 4 == 1 else None,
+        )
+        for i in range(len(prompts))
+    ]
+    stepwise = _outputs(generate(eot_model, tokenizer, prompts, params))
+    assert {c[2] for r in stepwise for c in r} == {"stop", "length"}
+    for slots, sync_every in ((64, 4), (3, 16), (5, 1)):
+        slot_engine = generate(eot_model, tokenizer, prompts, params, max_batch_size=slots, sync_every=sync_every)
+        assert _outputs(slot_engine) == stepwise, (slots, sync_every)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_slot_engine_prompt_alone_equals_prompt_in_batch(model, tokenizer, params):
+    batched = generate(model, tokenizer, PROMPTS, params, sync_every=8)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, tokenizer, [prompt], params, sync_every=5)
+        assert token_ids(alone) == token_ids(batched[i : i + 1])
+
+
+def test_slot_engine_in_bfloat16_agrees_with_float32(model, tokenizer):
+    """A bfloat16 model decodes with a bfloat16 cache (logits and sampling stay float32/float64); on this model the
+    greedy tokens mostly agree with float32's."""
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    full = token_ids(generate(model, tokenizer, PROMPTS, params, sync_every=8))
+    half = token_ids(generate(model.to(torch.bfloat16), tokenizer, PROMPTS, params, sync_every=8))
+    assert all(len(r[0]) == 16 for r in half)
+    assert sum(a[0][0] == b[0][0] for a, b in zip(full, half)) >= 3
+    agree = sum(x == y for a, b in zip(full, half) for x, y in zip(a[0], b[0]))
+    assert agree >= 0.5 * 16 * len(PROMPTS)
+
+
+def test_generate_checks_its_engine_options(model, tokenizer):
+    for bad in (dict(sync_every=0), dict(sync_every=2.0), dict(max_batch_size=0), dict(cuda_graphs="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(model, tokenizer, ["Hi"], GREEDY, **bad)
+    assert generation.auto_batch_size(model) == generation.CPU_BATCH_SIZE
+
+
+def test_slots_for_memory():
+    from gpt2core import GPT2Config
+
+    config = GPT2Config.preset("gpt2")
+    gib = 2**30
+    # gpt2 in bf16, 456-token sequences -> 512 cache columns: 2 * 12 * 768 * 512 * 2 bytes of cache + 4 KiB of
+    # history + 50257 * 108 bytes of logits and sampling temporaries = 24.3 MB per slot.
+    per_slot = 2 * 12 * 768 * 512 * 2 + 8 * 512 + 50257 * generation.LOGIT_BYTES_PER_ENTRY
+    prefill = generation.PREFILL_TOKENS * (6 * 768 + 2 * 3072) * 4
+    free, total = 40 * gib, 80 * gib
+    expected = int((free - generation.MEMORY_HEADROOM * total - prefill) // per_slot)
+    assert generation.slots_for_memory(config, 456, 2, free, total) == expected
+    assert 1400 < expected < 1500  # about 1,470
+    assert generation.slots_for_memory(config, 456, 2, 130 * gib, 140 * gib) == generation.MAX_AUTO_BATCH
+    assert generation.slots_for_memory(config, 456, 2, 20 * gib, 24 * gib) < generation.slots_for_memory(
+        config, 456, 2, 40 * gib, 48 * gib)
+    assert generation.slots_for_memory(config, 1024, 4, 20 * gib, 24 * gib) < generation.slots_for_memory(
+        config, 256, 4, 20 * gib, 24 * gib)
+    assert generation.slots_for_memory(config, 1024, 4, gib // 2, 24 * gib) == 1  # never below one slot

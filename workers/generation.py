@@ -16,15 +16,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import torch
 
 from gpt2core import GPT2, GPT2Tokenizer, generate
-from gpt2core.generation import Completion, GenerationResult
-from jobs import execution, repository, shards
+from gpt2core.device import default_device
+from gpt2core.generation import Completion, GenerationResult, auto_batch_size
+from jobs import batch_output, execution, repository, shards
 from jobs.errors import BrokerUnavailable, DomainError, new_reference
 from jobs.models import File, Job, Model
 from jobs.queue import enqueue
-from jobs.readers import read_generation_file
+from jobs.openai_batch import iter_batch_requests
+from jobs.readers import FileRejected, read_generation_file
 from jobs.specs import GenerateSpec, Sampling, job_spec
 from jobs.states import PAUSING, RUNNING
 
@@ -36,7 +40,8 @@ log = logging.getLogger("workers.generation")
 MAX_FANOUT = 64  # extra messages sent for one job
 IDLE_POLL_SECONDS = 1.0  # how often the job's claimer looks again while other workers finish shards
 MAX_SHARD_ATTEMPTS = 3  # a shard whose generation raises this often fails its job
-BATCH_PROMPTS = 32  # prompts generated together; a shutting-down worker stops between two such batches
+# Prompts generated together on CPU (on CUDA: batch_prompts); a shutting-down worker stops between two batches.
+BATCH_PROMPTS = 32
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Item:
     prompt: str
     sampling: Sampling  # the job's sampling with this line's overrides
     overrides: Sampling | None = None  # the line's own "sampling", as written
+    length_name: str = "max_new_tokens"  # what the user called the completion's length (a batch line: max_tokens)
 
     @property
     def seed(self) -> int:
@@ -71,9 +77,28 @@ class ModelCache:
             raise JobFailure("model_not_found", f"The weights of model {model.id!r} are missing.", "model")
         while len(self.models) >= max(capacity, 1):
             self.models.popitem(last=False)
-        loaded = GPT2.from_pretrained(model.storage_path).eval()
+        loaded = for_generation(GPT2.from_pretrained(model.storage_path).eval())
         self.models[key] = loaded
         return loaded
+
+
+def for_generation(model: GPT2, device: torch.device | None = None) -> GPT2:
+    """`model` moved to the worker's device (gpt2core's default_device: CUDA when the worker has a GPU, which is
+    how training picks it too), in bfloat16 on a CUDA device that has it (weights and KV cache at half the bytes
+    of float32, so twice the completions per step; gpt2core.generate keeps logits and sampling in float32/float64);
+    on CPU as it is (float32)."""
+    device = device or default_device()
+    if device.type != "cuda":
+        return model
+    return model.to(device=device, dtype=torch.bfloat16 if bf16_supported() else None)
+
+
+def bf16_supported() -> bool:
+    """Native bfloat16 on the current CUDA device (compute capability 8.0 and up), not emulated."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation (and answers for native support)
+        return torch.cuda.is_bf16_supported()
 
 
 MODELS = ModelCache()
@@ -98,9 +123,29 @@ def load_items(job: Job, input_file: File | None) -> list[Item]:
         return [Item(i, None, prompt, spec.sampling) for i, prompt in enumerate(spec.prompts)]
     assert input_file is not None
     with open(input_file.storage_path, "rb") as stream:
+        if input_file.purpose == "batch":  # OpenAI batch requests, read as POST /v1/batches read them
+            return batch_items(spec, stream, input_file.filename)
         return [Item(line.index, line.custom_id, line.prompt,
                      spec.sampling.merged(line.sampling) if line.sampling else spec.sampling, line.sampling)
                 for line in read_generation_file(stream, input_file.filename)]
+
+
+def batch_items(spec: GenerateSpec, stream: BinaryIO, filename: str) -> list[Item]:
+    """The requests of an OpenAI batch file (jobs.openai_batch), each with its own parameters over the job's
+    sampling. A file with problems, or requests naming another model than the job's, fail the job (invalid_file):
+    a batch with problems never has a job, so only a generate job given a batch file through /v1/jobs meets this."""
+    items = []
+    try:
+        for request in iter_batch_requests(stream, filename):
+            if request.model != spec.model:
+                raise JobFailure("invalid_file", f"{filename}: line {request.line}: body.model is {request.model!r}, "
+                                 f"but the job runs model {spec.model!r}", "input_file")
+            assert request.prompt is not None and request.sampling is not None  # no problems: both are there
+            items.append(Item(request.index, request.custom_id, request.prompt, spec.sampling.merged(request.sampling),
+                              request.sampling, "max_tokens"))
+    except FileRejected as exc:
+        raise JobFailure("invalid_file", exc.message, "input_file") from None
+    return items
 
 
 def line_warnings(items: list[Item]) -> list[str]:
@@ -150,14 +195,25 @@ class ShuttingDown(Exception):
 
 def generate_items(model: GPT2, job_id: str, items: list[Item],
                    should_stop: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
-    """One result per item, in order, computed BATCH_PROMPTS prompts at a time; ShuttingDown when `should_stop()`
-    holds between two batches."""
+    """One result per item, in order, computed batch_prompts(model) prompts at a time; ShuttingDown when
+    `should_stop()` holds between two batches."""
     results: list[dict[str, Any]] = []
-    for start in range(0, len(items), BATCH_PROMPTS):
+    size = batch_prompts(model)
+    for start in range(0, len(items), size):
         if should_stop():
             raise ShuttingDown()
-        results += generate_batch(model, job_id, items[start:start + BATCH_PROMPTS])
+        results += generate_batch(model, job_id, items[start:start + size])
     return results
+
+
+def batch_prompts(model: GPT2) -> int:
+    """Prompts per generate() call: BATCH_PROMPTS on CPU (a batch is seconds of work there); on CUDA as many
+    completions as the device's free memory holds at once for sequences of the model's whole block_size
+    (gpt2core.generation.auto_batch_size), and at least BATCH_PROMPTS. generate() itself then decodes as many as
+    fit for the batch's real lengths, so a shard no bigger than this is one generate() call on a GPU."""
+    if model.device.type != "cuda":
+        return BATCH_PROMPTS
+    return max(BATCH_PROMPTS, auto_batch_size(model))
 
 
 def generate_batch(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str, Any]]:
@@ -170,25 +226,27 @@ def generate_batch(model: GPT2, job_id: str, items: list[Item]) -> list[dict[str
     for item in items:
         try:
             params = sampling_params(item.sampling, item.seed)
-            prompt_tokens = max(len(tok.encode(item.prompt)), 1)
+            # tokenized once: generate() takes the ids (an empty prompt starts from end-of-text, one token)
+            ids = tok.encode(item.prompt)
+            prompt_tokens = max(len(ids), 1)
         except Exception as exc:
             results[item.index] = item_failure(item, job_id, exc)
             continue
         if prompt_tokens + params.max_new_tokens > model.config.block_size:
             results[item.index] = error_result(
-                item, "prompt_too_long", f"The prompt has {prompt_tokens} tokens; with max_new_tokens "
+                item, "prompt_too_long", f"The prompt has {prompt_tokens} tokens; with {item.length_name} "
                 f"{params.max_new_tokens} that exceeds the model's context of {model.config.block_size}.", "prompt")
             continue
-        runnable.append((item, params))
+        runnable.append((item, params, ids))
     try:
-        outputs = generate(model, tok, [item.prompt for item, _ in runnable], [params for _, params in runnable])
-        results.update((item.index, completion_result(item, output)) for (item, _), output in zip(runnable, outputs))
+        outputs = generate(model, tok, [ids for _, _, ids in runnable], [params for _, params, _ in runnable])
+        results.update((item.index, completion_result(item, output)) for (item, _, _), output in zip(runnable, outputs))
     except Exception:
         log.warning("job %s: a batch of %d prompts failed; running them one by one", job_id, len(runnable),
                     exc_info=True)
-        for item, params in runnable:
+        for item, params, ids in runnable:
             try:
-                results[item.index] = completion_result(item, generate(model, tok, [item.prompt], [params])[0])
+                results[item.index] = completion_result(item, generate(model, tok, [ids], [params])[0])
             except Exception as exc:
                 results[item.index] = item_failure(item, job_id, exc)
     return [results[item.index] for item in items]
@@ -204,6 +262,23 @@ def item_failure(item: Item, job_id: str, exc: Exception) -> dict[str, Any]:
 
 
 def run_generation(rt: Runtime, job_id: str) -> None:
+    """Take part in generation job `job_id` (see take_part); then, if the job has ended and runs a batch, write the
+    batch's output files (jobs.batch_output.finalize_batch; the workers' sweep does it if this fails or never comes)."""
+    take_part(rt, job_id)
+    finish_batch(rt, job_id)
+
+
+def finish_batch(rt: Runtime, job_id: str) -> None:
+    """Finalize the batch job `job_id` runs, if any and the job has ended; an error is logged, not raised."""
+    try:
+        if batch_output.finalize_job_batch(rt.sessions, rt.artifacts, job_id):
+            log.info("job %s: its batch's output files are written", job_id)
+    except Exception:
+        log.warning("job %s: writing its batch's output files failed; the sweep will try again", job_id,
+                    exc_info=True)
+
+
+def take_part(rt: Runtime, job_id: str) -> None:
     """Take part in generation job `job_id`: claim and plan it if it is new, then work on its shards.
 
     When this worker shuts down, or loses the database or broker, its shard goes back to the pool and, if it
@@ -319,11 +394,14 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
         def renew(session, index=index) -> str:
             return shards.renew_shard(session, job.id, index, rt.worker_id, lease_seconds)
 
+        timings = {"started": time.perf_counter()}  # where a shard's time goes, for the log line below
         try:
             items = items if items is not None else load_items(job, input_file)
             model = model or MODELS.get(model_row, rt.settings.model_cache_size)
             with LeaseKeeper(rt, renew, f"job {job.id} shard {index}"):  # also while it waits for the database
+                timings["generating"] = time.perf_counter()
                 results = generate_items(model, job.id, items[start:stop], SHUTTING_DOWN.is_set)
+                timings["storing"] = time.perf_counter()
                 rt.persist(lambda session, index=index, results=results: shards.complete_shard(
                     session, job.id, index, rt.worker_id, results))
         except Exception as exc:
@@ -342,7 +420,10 @@ def work_on_shards(rt: Runtime, job: Job, model_row: Model | None, input_file: F
                 repository.add_event(session, job.id, f"Shard {index} failed unexpectedly; retrying "
                                      f"(attempt {attempts} of {MAX_SHARD_ATTEMPTS})", level="warning")
             continue
-        log.info("job %s: shard %d done (%d items)", job.id, index, stop - start)
+        done = time.perf_counter()
+        log.info("job %s: shard %d done (%d items) in %.2f s: %.2f s loading, %.2f s generating, %.2f s storing",
+                 job.id, index, stop - start, done - timings["started"], timings["generating"] - timings["started"],
+                 timings["storing"] - timings["generating"], done - timings["storing"])
 
 
 def release(rt: Runtime, job_id: str, index: int, reason: str) -> None:
