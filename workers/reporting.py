@@ -10,10 +10,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpt2core.train import StepMetrics, TrainerCallback, list_checkpoints
 from jobs import execution, repository, retention, training_metrics
+from jobs.models import Checkpoint, JobMetric
 
 from .runtime import LeaseKeeper, Runtime, is_infrastructure_error
 
@@ -168,6 +170,27 @@ class JobReporter(TrainerCallback):
             execution.record_checkpoint(session, self.job_id, step, train_loss, val_loss, str(path), size,
                                         val_accuracy=accuracy)
             repository.add_event(session, self.job_id, f"Checkpoint saved at step {step}")
+
+        self.write(record)
+
+    def adopt_checkpoint(self, path: Path | None) -> None:
+        """Record the checkpoint a resumed run starts from if its row is missing: a worker killed between writing
+        a checkpoint's files and recording it leaves one (the run resumes from the files, so the list must show
+        them). Its training loss is the step's metric row's, if that was stored; its validation metrics unknown."""
+        if path is None:
+            return
+        step = int(Path(path).name.removeprefix("step-"))
+
+        def record(session: Session) -> None:
+            if session.scalars(select(Checkpoint.id).where(Checkpoint.job_id == self.job_id,
+                                                            Checkpoint.step == step)).first() is not None:
+                return
+            metric = session.get(JobMetric, (self.job_id, step))
+            size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            execution.record_checkpoint(session, self.job_id, step, metric.train_loss if metric else None, None,
+                                        str(path), size)
+            repository.add_event(session, self.job_id, f"Checkpoint at step {step} recorded on resume (its worker "
+                                 "stopped before recording it)")
 
         self.write(record)
 

@@ -248,6 +248,7 @@ def train(rt: Runtime, job: Job, training_file: File | None, validation_file: Fi
         for message in ignored_settings(spec, steps, has_val, int(val_tokens.size), block_size):
             reporter.event(message, level="warning")
     callbacks = [reporter, retention_policy]
+    reporter.adopt_checkpoint(latest_checkpoint(config.checkpoint_dir))
     trained: GPT2 | None = None  # the model in memory when it trained in this process
     try:
         if spec.devices > 1:  # torchrun's processes train it; the model is in its last checkpoint

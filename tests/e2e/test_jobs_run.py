@@ -145,19 +145,19 @@ def test_a_killed_worker_s_job_is_resumed_by_another_from_its_last_checkpoint(re
     file_id = upload(api, tmp_path)
 
     # keep_checkpoints 16: every checkpoint stays, so the list shows each was recorded once across the takeover
-    job = submit(api, train_body(file_id, 400, eval_every=50, checkpoint_every=25, keep_checkpoints=16))
+    job = submit(api, train_body(file_id, 240, eval_every=50, checkpoint_every=25, keep_checkpoints=16))
     wait_for(api, job["id"], lambda j: j["progress"]["step"] > 60)
     [doomed] = started_on(workers, job["id"])
     doomed.kill()
     job, _ = finished(api, job["id"], timeout=240)
     [survivor] = [w for w in workers if w is not doomed]
     assert started_on([survivor], job["id"]) == [survivor]
-    assert job["attempts"] == 2 and job["progress"]["step"] == 400
+    assert job["attempts"] == 2 and job["progress"]["step"] == 240
     messages = [e["message"] for e in every(api, f"/v1/jobs/{job['id']}/events")]
     resumed = [m for m in messages if m.startswith("Resumed from the checkpoint at step")]
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[-1]) >= 50
     steps = [c["step"] for c in api.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]]
-    assert steps == list(range(25, 401, 25))
+    assert steps == list(range(25, 241, 25))
 
 
 def test_embedded_default_trains_and_generates(embedded_stack: Stack, tmp_path):
