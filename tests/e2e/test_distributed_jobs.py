@@ -95,8 +95,11 @@ def test_a_two_device_job_whose_process_is_killed_resumes_and_matches_its_one_de
     assert_same_curve(losses(api, job["id"]), twin)
     said = messages(api, job["id"])
     assert any(m.startswith("Training ") and "on 2 cpu processes (gloo)" in m for m in said), said
-    restart = [m for m in said if "training process rank 1 ended without a word (torchrun's exit code 1)" in m]
-    assert restart and "starting the 2 training processes again from the checkpoint at step" in restart[0], said
+    # Which processes the worker finds silent depends on the race after the kill: rank 1 alone, usually; rank 0 too
+    # when torchrun ended it first (a busy machine), or torchrun alone when no rank had registered its end.
+    restart = [m for m in said if "ended without a word (torchrun's exit code" in m]
+    assert restart and "starting the 2 training processes again from the checkpoint at step" in restart[0], \
+        [m for m in said if not m.startswith("step ")]
     assert any(m.startswith("Resumed from the checkpoint at step") and "2 cpu processes" in m for m in said)
     assert done["result"]["steps"] == STEPS and done["result"]["model"]
     assert not training_processes(job["id"])  # nothing left behind
