@@ -26,10 +26,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import repository
-from jobs.batches import expire_batch, outcome_of, unix_time, utcnow
+from jobs.batches import expire_batch, outcome_of
 from jobs.db import session_scope
 from jobs.errors import InvalidInput
-from jobs.models import Batch, File, GenerationResult, Job, new_id
+from jobs.models import Batch, File, GenerationResult, Job, new_id, unix_time, utcnow
 from jobs.openai_batch import read_batch_file
 from jobs.states import TERMINAL
 from jobs.storage import ArtifactStore, AtomicWriter, StoredBlob

@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import secrets
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs import repository
 from jobs.db import session_scope
 from jobs.errors import Conflict, InvalidInput, InvalidRequest, NotFound
-from jobs.models import Batch, File, GenerationResult, Job, Model
+from jobs.models import Batch, File, GenerationResult, Job, Model, unix_time, utcnow
 from jobs.openai_batch import DEFAULT_MAX_TOKENS, SUPPORTED_ENDPOINTS, BatchInput, BatchProblem, read_batch_file
 from jobs.repository import MAX_PAGE_SIZE
 from jobs.specs import GenerateSpec, Metadata, ResourceId, Sampling, Strict
@@ -63,10 +63,6 @@ WINDOW_PATTERN = r"^([1-9]|[1-9][0-9]|1[0-5][0-9]|16[0-8])h$"
 def new_batch_id() -> str:
     """"batch_" and 24 random hex characters (96 bits), as OpenAI writes batch ids."""
     return BATCH_PREFIX + secrets.token_hex(12)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class BatchCreate(Strict):
@@ -240,10 +236,6 @@ def list_batches(session: Session, owner: str, after: str | None = None,
                               and_(Batch.created_at == cursor.created_at, Batch.id < cursor.id)))
     rows = session.scalars(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
-
-
-def unix_time(moment: datetime | None) -> int | None:
-    return int(moment.timestamp()) if moment is not None else None
 
 
 def usage_object(input_tokens: int, output_tokens: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from jobs.auto import auto_learning_rate
 from jobs.errors import InvalidRequest
-from jobs.models import Checkpoint, Job, JobEvent, Model
+from jobs.models import Checkpoint, Job, JobEvent, Model, unix_time
 from jobs.specs import (
     MAX_SEED,
     Auto,
@@ -159,8 +159,8 @@ def job_object(job: Job, base_model: Model | None, now: float | None = None) -> 
     return {
         "id": job.id,
         "object": "fine_tuning.job",
-        "created_at": unix(job.created_at),
-        "finished_at": unix(job.finished_at),
+        "created_at": unix_time(job.created_at),
+        "finished_at": unix_time(job.finished_at),
         "model": job.params.get("model"),
         "fine_tuned_model": result.get("model") if job.status == SUCCEEDED else None,
         "organization_id": job.owner,
@@ -181,7 +181,7 @@ def job_object(job: Job, base_model: Model | None, now: float | None = None) -> 
 
 
 def event_object(event: JobEvent) -> dict[str, Any]:
-    return {"id": f"{EVENT_PREFIX}{event.id}", "object": "fine_tuning.job.event", "created_at": unix(event.created_at),
+    return {"id": f"{EVENT_PREFIX}{event.id}", "object": "fine_tuning.job.event", "created_at": unix_time(event.created_at),
             "level": LEVELS[event.level], "message": event.message, "data": event.data or {}, "type": event.type}
 
 
@@ -204,7 +204,7 @@ def checkpoint_object(checkpoint: Checkpoint, job: Job, model_id: str | None) ->
     return {
         "id": checkpoint.id,
         "object": "fine_tuning.job.checkpoint",
-        "created_at": unix(checkpoint.created_at),
+        "created_at": unix_time(checkpoint.created_at),
         "fine_tuning_job_id": job.id,
         "fine_tuned_model_checkpoint": model_id,
         "step_number": checkpoint.step,
@@ -242,7 +242,3 @@ def models_by_step(session: Session, job: Job) -> dict[int, str]:
         if model.checkpoint_step is not None:
             found.setdefault(model.checkpoint_step, model.id)
     return found
-
-
-def unix(moment) -> int | None:
-    return int(moment.timestamp()) if moment is not None else None

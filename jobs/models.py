@@ -57,6 +57,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def unix_time(moment: datetime | None) -> int | None:
+    """Whole seconds since the Unix epoch, as the API shows times (None stays None)."""
+    return int(moment.timestamp()) if moment is not None else None
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """TIMESTAMP WITH TIME ZONE on PostgreSQL; on SQLite, naive UTC stored and made aware again on load."""
 
